@@ -1,0 +1,128 @@
+"""Stage configuration: frozen dataclasses turned into CLI flags and YAML keys.
+
+Each stage module declares ``@dataclass(frozen=True) class XConfig`` whose fields carry
+``metadata={"help": ..., "flag": "--name" (optional), "parse": "csv"|"append" (optional),
+"choices": (...) (optional)}``. ``add_config_arguments`` turns the fields into an argparse group and
+``config_from_namespace`` builds the config back, so a flag, its YAML key and its config field are
+the same thing declared once. Validation lives in each config's ``__post_init__`` and raises
+``ConfigError`` with a message that names the flag and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user mistake in flags, YAML config or input: reported as one line, exit code 2."""
+
+
+def opt(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """Declare a config field with its CLI help (and optional flag/parse/choices)."""
+    meta["help"] = help
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for sequence defaults")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> Any:
+    """float | None -> float; tuple[str, ...] -> tuple."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing), {})  # annotations are simple builtins
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is tuple:
+        return tuple
+    return annotation
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in str(value).split(",") if v.strip())
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, title: str) -> None:
+    """Add one argparse group with a flag per field of ``config_cls``."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.metadata.get("cli") is False:
+            continue
+        kind = _base_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+            help_text += f" (default: {'on' if f.default else 'off'})"
+        elif kind is tuple:
+            if f.metadata.get("parse") == "append":
+                kw["action"] = "append"
+                help_text += " (repeatable)"
+            else:
+                kw["type"] = _csv
+                help_text += f" (comma-separated; default: {','.join(map(str, f.default)) or 'none'})"
+        else:
+            kw["type"] = kind if kind in (int, float, str) else str
+            help_text += f" (default: {f.default})"
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        group.add_argument(flag_name(f), help=help_text, **kw)
+
+
+def config_keys(config_cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_cls)}
+
+
+def coerce_value(config_cls: type, key: str, value: Any) -> Any:
+    """Coerce a YAML value to the field's type, or raise ConfigError naming the key."""
+    hints = typing.get_type_hints(config_cls)
+    kind = _base_type(hints[key])
+    optional = type(None) in typing.get_args(hints[key])
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key '{key}' may not be null")
+    try:
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind is tuple:
+            if isinstance(value, str):
+                return _csv(value)
+            if isinstance(value, (list, tuple)):
+                return tuple(value)
+            raise TypeError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        return str(value) if kind is str else value
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config key '{key}': expected {getattr(kind, '__name__', kind)}, got {value!r}"
+        ) from None
+
+
+def config_from_namespace(config_cls: type, ns: argparse.Namespace | dict) -> Any:
+    """Build ``config_cls`` from parsed flags / merged YAML values (missing keys take defaults)."""
+    values = vars(ns) if isinstance(ns, argparse.Namespace) else ns
+    kwargs = {k: values[k] for k in config_keys(config_cls) if k in values}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    try:
+        return config_cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None

@@ -1,0 +1,65 @@
+"""Row records shared by every stage: the fixed rejection vocabulary and helpers.
+
+A row flowing through the pipeline is a plain ``dict``. Reader fields: ``uid``, ``url``, ``caption``
+plus any carried-through input columns. Stages add fields (``image_bytes`` transiently, then
+``image``, ``width``, ``sha256``, ``clip_score`` ...). A stage that drops a row emits
+``reject(row, stage, reason, detail)`` on the ``REJECTED_TAG`` output instead.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+REJECTED_TAG = "rejected"
+METRICS_NAMESPACE = "clip_curate"
+MAX_DETAIL_CHARS = 500
+
+# Fixed vocabulary: stage -> allowed reasons. Labels are bounded; free text goes into ``detail``.
+REASONS: dict[str, tuple[str, ...]] = {
+    "read": ("missing_url", "invalid_url", "source_failed", "unreadable_source"),
+    "caption": ("missing_caption", "short_caption", "long_caption", "language", "unsafe_caption"),
+    "download": (
+        "http_404", "http_4xx", "http_5xx", "timeout", "too_large", "redirect_loop",
+        "too_many_redirects", "blocked_address", "blocked_scheme", "not_image", "connection_error",
+        "dns_error", "opted_out", "robots_disallowed", "host_unavailable", "invalid_url",
+    ),
+    "image": ("decode_error", "too_small", "too_large_pixels", "bad_aspect_ratio", "empty_body"),
+    "embed": ("embed_error",),
+    "clip": ("low_clip_score", "below_top_fraction"),
+    "dedup": ("duplicate_exact", "duplicate_near", "duplicate_semantic", "eval_leak"),
+    "safety": ("nsfw_image", "nsfw_concept", "unsafe_caption"),
+}
+
+# Transient reasons: rows rejected for these are re-tried by ``--retry-from``.
+TRANSIENT_REASONS = ("timeout", "http_5xx", "connection_error", "dns_error", "host_unavailable")
+
+# Fields that never go into the rejected table (large, transient).
+_DROP_ON_REJECT = ("image_bytes", "image")
+
+
+def make_uid(url: str | None, caption: str | None) -> str:
+    """Stable row id: first 16 bytes of sha256(url + '\\x00' + caption), hex."""
+    h = hashlib.sha256()
+    h.update((url or "").encode("utf-8", "surrogatepass"))
+    h.update(b"\x00")
+    h.update((caption or "").encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:32]
+
+
+def check_reason(stage: str, reason: str) -> None:
+    if stage not in REASONS or reason not in REASONS[stage]:
+        raise ValueError(f"unknown rejection {stage}/{reason}; add it to clip_curate.records.REASONS")
+
+
+def reject(row: dict[str, Any], stage: str, reason: str, detail: Any = "") -> dict[str, Any]:
+    """Return the rejected-table record for ``row`` dropped by ``stage`` for ``reason``.
+
+    Keeps identity, carried-through columns and scores known so far; drops image bytes.
+    """
+    check_reason(stage, reason)
+    out = {k: v for k, v in row.items() if k not in _DROP_ON_REJECT}
+    out["stage"] = stage
+    out["reason"] = reason
+    text = detail if isinstance(detail, str) else repr(detail)
+    out["detail"] = text[:MAX_DETAIL_CHARS]
+    return out

