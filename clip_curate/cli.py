@@ -1,0 +1,74 @@
+"""``clip-curate`` command line: run, demo, audit, export, evaluate, train-tiny."""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Callable, Sequence
+
+from clip_curate.options import ConfigError
+
+USAGE = """usage: clip-curate COMMAND [flags]
+
+commands:
+  run         curate a URL list or an image pool: curated + rejected Parquet, stats.json
+  demo        run the full pipeline on a local synthetic web with the bundled tiny model
+  audit       (re)compute the bias audit (audit.json + report.html) of an output directory
+  export      write curated rows as WebDataset tar shards for open_clip training
+  evaluate    proxy evaluation: train a tiny CLIP on raw vs curated pairs, compare zero-shot accuracy
+  train-tiny  train the bundled synthetic-tiny CLIP model on the synthetic world
+
+Run 'clip-curate COMMAND --help' for the flags of a command.
+"""
+
+
+def _cmd_run(argv: Sequence[str]) -> int:
+    from pipelines.curate import run
+    from clip_curate.summary import format_summary
+
+    stats = run(argv)
+    print(format_summary(stats))
+    print(f"outputs: {stats.get('config', {}).get('output', {}).get('output')}")
+    return 0
+
+
+def _lazy(module: str, func: str) -> Callable[[Sequence[str]], int]:
+    def call(argv: Sequence[str]) -> int:
+        return getattr(importlib.import_module(module), func)(list(argv))
+    return call
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "run": _cmd_run,
+    "demo": _lazy("clip_curate.demo", "main"),
+    "audit": _lazy("clip_curate.audit", "main"),
+    "export": _lazy("clip_curate.export", "main"),
+    "evaluate": _lazy("clip_curate.evaluate", "main"),
+    "train-tiny": _lazy("clip_curate.train", "main"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"clip-curate: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+    try:
+        return int(COMMANDS[command](rest) or 0)
+    except ConfigError as exc:
+        print(f"clip-curate {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"clip-curate {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

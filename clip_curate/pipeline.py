@@ -1,0 +1,197 @@
+"""The whole curation pipeline, composed in one place.
+
+    read ─► caption rules ─► download ─► decode/resize ─► CLIP embed ─► CLIP score filters
+         ─► dedup ─► safety ─► curated Parquet + rejected Parquet + stats.json (+ audit)
+
+Each stage is a PTransform returning ``(kept, rejected)``; every rejected PCollection flows into the
+one rejected sink, so input rows == curated rows + rejected rows.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import apache_beam as beam
+
+from clip_curate import records
+from clip_curate.options import ConfigError, opt
+from clip_curate.reader import InputPlan, ReadUrlList, ReaderConfig
+from clip_curate.writer import OutputConfig, WriteParquetTable, WriteStats, join, shard_count
+
+log = logging.getLogger(__name__)
+
+# Pipeline stages in order. Each name maps to (module, config class, transform class).
+STAGES: dict[str, tuple[str, str, str]] = {
+    "caption": ("clip_curate.filters", "CaptionConfig", "CaptionFilter"),
+    "download": ("clip_curate.download", "DownloadConfig", "Download"),
+    "image": ("clip_curate.image", "ImageConfig", "DecodeResize"),
+    "embed": ("clip_curate.clip_model", "ModelConfig", None),
+    "clip": ("clip_curate.filters", "ClipFilterConfig", "ClipScoreFilter"),
+    "dedup": ("clip_curate.dedup", "DedupConfig", "Dedup"),
+    "safety": ("clip_curate.safety", "SafetyConfig", "SafetyCheck"),
+}
+NEEDS_EMBEDDINGS = ("clip",)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Which stages run and how the run behaves."""
+
+    stages: tuple[str, ...] = opt(("all",), "stages to run: all, none, or a subset of "
+                                            + ",".join(STAGES) + " (read and write always run)")
+    audit: bool = opt(False, "also compute the bias audit into OUT/audit/ at the end of the run")
+    resume: bool = opt(False, "skip input rows already accounted for in OUT (curated or rejected) and "
+                              "write new shards beside the old ones")
+    log_level: str = opt("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    progress_seconds: float = opt(10.0, "seconds between progress lines (0 = off)")
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in ("all", "none") and s not in STAGES]
+        if unknown:
+            raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from all,none,{','.join(STAGES)}")
+
+    def enabled(self) -> tuple[str, ...]:
+        if "all" in self.stages:
+            return tuple(STAGES)
+        return tuple(s for s in STAGES if s in self.stages)
+
+
+def stage_config_classes() -> dict[str, type]:
+    """Config class of every stage whose module is importable (name -> class)."""
+    out = {}
+    for name, (module, cfg_cls, _) in STAGES.items():
+        try:
+            out[name] = getattr(importlib.import_module(module), cfg_cls)
+        except (ModuleNotFoundError, AttributeError) as exc:  # stage not built in this checkout
+            if getattr(exc, "name", module) not in (module, None) and not isinstance(exc, AttributeError):
+                raise
+            log.debug("stage %s unavailable: %s", name, exc)
+    return out
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    reader: ReaderConfig
+    output: OutputConfig
+    run: RunConfig
+    stages: dict[str, Any] = field(default_factory=dict)  # stage name -> its config
+
+
+class ProgressLog(beam.DoFn):
+    """Pass-through that logs rows seen (and rows/s) by this worker process every few seconds."""
+
+    def __init__(self, label: str, every_s: float):
+        self._label = label
+        self._every = every_s
+        self._seen = beam.metrics.Metrics.counter(records.METRICS_NAMESPACE, f"progress_{label}")
+
+    def setup(self):
+        self._n = 0
+        self._t0 = self._last = time.monotonic()
+
+    def process(self, row):
+        self._n += 1
+        self._seen.inc()
+        now = time.monotonic()
+        if self._every and now - self._last >= self._every:
+            self._last = now
+            log.info("progress %-9s %8d rows  %7.1f rows/s (this worker)", self._label, self._n,
+                     self._n / max(now - self._t0, 1e-9))
+        yield row
+
+
+def _stage_transform(name: str, cfg: Any, ctx: dict[str, Any]):
+    module, _, transform_cls = STAGES[name]
+    mod = importlib.import_module(module)
+    if name == "embed":
+        from clip_curate.embed import Embed
+        return Embed(cfg)
+    if name == "safety":
+        return getattr(mod, transform_cls)(cfg, model_config=ctx.get("embed"))
+    return getattr(mod, transform_cls)(cfg)
+
+
+def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_prefix: str = "part",
+                   existing_uids=None) -> dict[str, Any]:
+    """Add the curation graph to ``p``; returns its main PCollections (for tests and the audit)."""
+    out = cfg.output.output
+    rows, read_rejected = p | "Read" >> ReadUrlList(plan)
+    input_rows = (rows, read_rejected) | "AllInputRows" >> beam.Flatten()
+    if existing_uids is not None:
+        rows = rows | "SkipDone" >> _SkipExisting(existing_uids)
+        read_rejected = read_rejected | "SkipDoneRejected" >> _SkipExisting(existing_uids)
+        input_rows = (rows, read_rejected) | "NewInputRows" >> beam.Flatten()
+    rejected = [read_rejected]
+    enabled = cfg.run.enabled()
+    every = cfg.run.progress_seconds
+    for name in enabled:
+        stage_cfg = cfg.stages.get(name)
+        if stage_cfg is None:
+            continue
+        if name == "embed" and getattr(stage_cfg, "clip_model", "none") in ("none", ""):
+            continue
+        transform = _stage_transform(name, stage_cfg, cfg.stages)
+        if transform is None:
+            continue
+        rows, stage_rejected = rows | name.capitalize() >> transform
+        rows = rows | f"Progress{name.capitalize()}" >> beam.ParDo(ProgressLog(name, every))
+        rejected.append(stage_rejected)
+    all_rejected = tuple(rejected) | "AllRejected" >> beam.Flatten()
+    store = cfg.output.store_embeddings
+    extra = plan.extra_fields
+    from clip_curate.schema import curated_schema, rejected_schema
+    n_cur = shard_count(plan.estimated_rows, cfg.output.shard_rows)
+    rows | "WriteCurated" >> WriteParquetTable(join(out, "curated"), curated_schema(extra, store), n_cur,
+                                               shard_prefix, "curated_rows")
+    all_rejected | "WriteRejected" >> WriteParquetTable(join(out, "rejected"), rejected_schema(extra, store),
+                                                        n_cur, shard_prefix, "rejected_rows")
+    (input_rows, rows, all_rejected) | "Stats" >> WriteStats(out, {"stages": list(enabled)})
+    return {"input": input_rows, "curated": rows, "rejected": all_rejected}
+
+
+class _SkipExisting(beam.PTransform):
+    """Drop rows whose uid is in ``uids`` (a PCollection of uid strings) with a keyed join."""
+
+    def __init__(self, uids):
+        super().__init__()
+        self._uids = uids
+
+    def expand(self, rows):
+        keyed = rows | "KeyByUid" >> beam.Map(lambda r: (r["uid"], r))
+        done = self._uids | "KeyDone" >> beam.Map(lambda u: (u, None))
+        return ({"row": keyed, "done": done}
+                | "JoinDone" >> beam.CoGroupByKey()
+                | "KeepNew" >> beam.FlatMap(lambda kv: [] if kv[1]["done"] else kv[1]["row"]))
+
+
+def validate_stage_configs(cfg: CurateConfig) -> None:
+    """Checks that need more than a config's own fields (files, models), run before any work starts."""
+    for name in cfg.run.enabled():
+        stage_cfg = cfg.stages.get(name)
+        check = getattr(stage_cfg, "validate_environment", None)
+        if callable(check):
+            check()
+    if "embed" in cfg.stages and "embed" in cfg.run.enabled():
+        from clip_curate.clip_model import validate_model_config
+        if getattr(cfg.stages["embed"], "clip_model", "none") not in ("none", ""):
+            validate_model_config(cfg.stages["embed"])
+
+
+def resume_prefix(out_dir: str) -> str:
+    """A shard prefix distinct from every earlier run's (``part-r<unix time>``)."""
+    return f"part-r{int(time.time())}"
+
+
+def existing_output_uids(p: beam.Pipeline, out_dir: str):
+    """PCollection of uids already written to OUT/curated and OUT/rejected (empty if none)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    patterns = [join(out_dir, sub, "*.parquet") for sub in ("curated", "rejected")]
+    present = [pat for pat in patterns if FileSystems.match([pat])[0].metadata_list]
+    if not present:
+        return p | "NoDoneUids" >> beam.Create([])
+    reads = [p | f"ReadDone{i}" >> beam.io.ReadFromParquet(pat, columns=["uid"]) for i, pat in enumerate(present)]
+    return tuple(reads) | "DoneRows" >> beam.Flatten() | "DoneUid" >> beam.Map(lambda r: r["uid"])

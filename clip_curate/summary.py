@@ -1,0 +1,83 @@
+"""End-of-run reporting: Beam metrics -> stats.json fields, and the summary table printed by the CLI."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from clip_curate import records
+
+log = logging.getLogger(__name__)
+
+
+def query_counters(result) -> dict[str, int]:
+    """Committed (or attempted, where the runner has no committed values) counters of our namespace."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        res = result.metrics().query(MetricsFilter().with_namespace(records.METRICS_NAMESPACE))
+    except Exception as exc:  # some runners expose no metrics; the counts in stats.json still hold
+        log.warning("metrics unavailable from this runner: %s", exc)
+        return {}
+    out: dict[str, int] = {}
+    for c in res.get("counters", []):
+        value = c.committed if c.committed is not None else c.attempted
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value or 0)
+    return dict(sorted(out.items()))
+
+
+def stage_msecs(result) -> dict[str, float]:
+    """Total busy milliseconds per stage from ``<stage>_msecs`` distributions."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        res = result.metrics().query(MetricsFilter().with_namespace(records.METRICS_NAMESPACE))
+    except Exception:
+        return {}
+    out: dict[str, float] = {}
+    for d in res.get("distributions", []):
+        name = d.key.metric.name
+        value = d.committed if d.committed is not None else d.attempted
+        if name.endswith("_msecs") and value is not None:
+            out[name] = out.get(name, 0.0) + float(value.sum)
+    return out
+
+
+def config_dict(cfg) -> dict[str, Any]:
+    def plain(obj):
+        if dataclasses.is_dataclass(obj):
+            return {k: plain(v) for k, v in dataclasses.asdict(obj).items()}
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [plain(v) for v in obj]
+        return obj
+    return plain(cfg)
+
+
+def format_summary(stats: dict[str, Any]) -> str:
+    """Human-readable end-of-run table."""
+    n_in = stats["input_rows"]
+    wall = stats.get("timings", {}).get("wall_seconds")
+    lines = [
+        f"{'input rows':<34}{n_in:>10}",
+        f"{'curated rows':<34}{stats['curated_rows']:>10}  {100 * stats['curated_rows'] / max(n_in, 1):5.1f} %",
+        f"{'rejected rows':<34}{stats['rejected_rows']:>10}  {100 * stats['rejected_rows'] / max(n_in, 1):5.1f} %",
+    ]
+    for stage, reasons in stats.get("rejected_by", {}).items():
+        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {stage + ' / ' + reason:<32}{n:>10}  {100 * n / max(n_in, 1):5.1f} %")
+    counters = stats.get("counters", {})
+    extras = [("bytes downloaded", "download_bytes"), ("DNS failures", "dns_failures"),
+              ("DNS cache hits", "dns_cache_hits"), ("politeness deferrals", "politeness_deferred"),
+              ("rows embedded", "embedded_rows")]
+    for label, key in extras:
+        if key in counters:
+            lines.append(f"{label:<34}{counters[key]:>10}")
+    if stats.get("slowest_hosts"):
+        lines.append("slowest hosts: " + ", ".join(stats["slowest_hosts"][:5]))
+    if wall:
+        lines.append(f"{'wall time':<34}{wall:>9.1f}s  {n_in / max(wall, 1e-9):7.1f} rows/s")
+    if "retried_rows" in stats:
+        lines.append(f"{'retried rows recovered':<34}{stats['curated_rows']:>10} of {stats['retried_rows']}")
+    return "\n".join(lines)
