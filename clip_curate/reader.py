@@ -109,7 +109,7 @@ def expand_paths(path: str) -> list[str]:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
 
     def qualify(p: str) -> str:
-        return p if protocol in ("file", "local") else f"{protocol}://{p}"
+        return p if protocol in ("file", "local") else fs.unstrip_protocol(p)
 
     if any(c in fs_path for c in _GLOB_CHARS):
         found = sorted(p for p in fs.glob(fs_path) if fs.isfile(p))

@@ -1,0 +1,95 @@
+"""CLI: exit codes, one-line errors, YAML config, outputs of a read->write run."""
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clip_curate import schema
+from clip_curate.config import parse_run_args
+from clip_curate.options import ConfigError
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "clip_curate.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def url_list(tmp_path):
+    rows = [{"url": f"http://example.test/{i}.jpg", "caption": f"a photo {i}", "source": "s"} for i in range(30)]
+    rows += [{"url": "", "caption": "no url", "source": "s"}, {"url": None, "caption": "null url", "source": "s"}]
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_read_write_run_accounts_every_row(tmp_path, url_list):
+    out = tmp_path / "out"
+    res = cli("run", "--input", url_list, "--output", out, "--stages", "none", "--shard-rows", "10")
+    assert res.returncode == 0, res.stderr[-2000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["input_rows"] == 32
+    assert stats["curated_rows"] == 30 and stats["rejected_rows"] == 2
+    assert stats["rejected_by"] == {"read": {"missing_url": 2}}
+    assert stats["timings"]["wall_seconds"] > 0
+    curated = pq.read_table(out / "curated")
+    rejected = pq.read_table(out / "rejected")
+    assert len(list((out / "curated").glob("part-*.parquet"))) == 4  # ceil(32 / 10)
+    assert curated.num_rows == 30 and rejected.num_rows == 2
+    assert curated.schema.names == schema.curated_schema([pa.field("source", pa.string())]).names
+    assert set(rejected.column("reason").to_pylist()) == {"missing_url"}
+    assert set(rejected.column("stage").to_pylist()) == {"read"}
+    assert "curated rows" in res.stdout and "read / missing_url" in res.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--input", "nope.parquet", "--output", "o"], "input not found"),
+    (["--input", "{urls}", "--output", "o", "--url-col", "link"], "column 'link' not found"),
+    (["--input", "{urls}"], "no output"),
+    (["--input", "{urls}", "--output", "o", "--frobnicate"], "unknown flag --frobnicate"),
+    (["--input", "{urls}", "--output", "o", "--shard-rows", "many"], "invalid int value"),
+    (["--input", "{urls}", "--output", "o", "--stages", "download,teleport"], "unknown stage"),
+    (["--input", "{urls}", "--output", "o", "--config", "missing.yaml"], "file not found"),
+])
+def test_bad_input_is_one_line_error_exit_2(tmp_path, url_list, args, message):
+    res = cli("run", *[a.format(urls=url_list) for a in args], cwd=tmp_path)
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_yaml_config_sets_flags_and_rejects_unknown_keys(tmp_path, url_list):
+    good = tmp_path / "good.yaml"
+    good.write_text(f"input: {url_list}\noutput: {tmp_path / 'o'}\nshard-rows: 7\nstages: [none]\n"
+                    "beam:\n  direct_num_workers: 1\n")
+    cfg, beam_args = parse_run_args(["--config", str(good), "--shard-rows", "9"])
+    assert cfg.output.shard_rows == 9          # the command line wins over YAML
+    assert cfg.run.stages == ("none",)
+    assert beam_args == ["--direct_num_workers=1"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: x\noutput: y\nshard_rowz: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'shard_rowz'; did you mean 'shard-rows'"):
+        parse_run_args(["--config", str(bad)])
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("input: x\noutput: y\nshard_rows: lots\n")
+    with pytest.raises(ConfigError, match="shard_rows': expected int"):
+        parse_run_args(["--config", str(typed)])
+
+
+def test_help_documents_every_flag():
+    res = cli("run", "--help")
+    assert res.returncode == 0
+    from clip_curate.config import all_config_classes
+    from clip_curate.options import flag_name
+    import dataclasses
+    for _, cls in all_config_classes():
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli") is not False:
+                assert flag_name(f) in res.stdout, flag_name(f)
+    top = cli("--help")
+    assert top.returncode == 0 and "demo" in top.stdout and "run" in top.stdout
+    assert cli("frobnicate").returncode == 2
