@@ -127,9 +127,14 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
     rejected = [read_rejected]
     enabled = cfg.run.enabled()
     every = cfg.run.progress_seconds
+    skip = set()
+    if plan.has_images or plan.preprocessed:
+        skip.add("download")  # rows carry their image: the downloader is never constructed
+    if plan.preprocessed:
+        skip.add("image")
     for name in enabled:
         stage_cfg = cfg.stages.get(name)
-        if stage_cfg is None:
+        if stage_cfg is None or name in skip:
             continue
         if name == "embed" and getattr(stage_cfg, "clip_model", "none") in ("none", ""):
             continue

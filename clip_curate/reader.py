@@ -31,6 +31,8 @@ FORMATS = {
 }
 COMPRESSIONS = (".gz", ".bz2", ".zst", ".xz")
 _GLOB_CHARS = set("*?[")
+# Inputs that already hold images (never downloaded): see clip_curate.pools.
+POOL_FORMATS = ("webdataset", "img2dataset-parquet", "hf-parquet", "curated")
 # Names produced by the pipeline itself; input columns with these names are renamed input_<name>.
 RESERVED = set(schema.field_names("curated_row")) | set(schema.field_names("rejected_row")) | {
     "image_bytes", "embed_model"}
@@ -41,8 +43,13 @@ class ReaderConfig:
     """Where the rows come from."""
 
     input: str | None = opt(None, "URL list: a file, glob or directory on any fsspec path (gs://, s3://, ...)")
-    input_format: str = opt("auto", "input format: auto (by file extension) or parquet|csv|tsv|jsonl",
-                            choices=("auto", "parquet", "csv", "tsv", "jsonl"))
+    input_format: str = opt("auto", "input format: auto (detected from the files) or one of "
+                                    + "|".join(("parquet", "csv", "tsv", "jsonl") + POOL_FORMATS),
+                            choices=("auto", "urls", "parquet", "csv", "tsv", "jsonl") + POOL_FORMATS)
+    image_col: str | None = opt(None, "Parquet column holding image bytes (img2dataset: jpg; Hugging Face: "
+                                      "image struct<bytes, path>); auto-detected when unset")
+    include_rejected: bool = opt(False, "with a clip-curate output as input: also re-curate its rejected rows "
+                                        "that still carry embeddings")
     url_col: str = opt("url", "input column holding the image URL")
     caption_col: str = opt("caption", "input column holding the caption")
     uid_col: str = opt("uid", "input column with a stable id; when absent uid = sha256(url, caption)")
@@ -83,6 +90,9 @@ class InputPlan:
     caption_col: str
     uid_col: str | None
     only_reasons: tuple[str, ...] = ()   # retry-from: keep rows rejected for these reasons
+    has_images: bool = False             # rows carry image_bytes (pools): no download stage
+    preprocessed: bool = False           # rows carry the processed image (curated input): no image stage
+    options: tuple[tuple[str, Any], ...] = ()  # format-specific settings (pools)
 
 
 def _strip_compression(path: str) -> str:
@@ -184,8 +194,15 @@ def plan_input(cfg: ReaderConfig) -> InputPlan:
     """Inspect the input: raise ConfigError (one line) for every user mistake."""
     if cfg.retry_from:
         return plan_retry(cfg)
+    if cfg.input_format in POOL_FORMATS or cfg.input_format == "auto":
+        from clip_curate import pools
+        fmt = cfg.input_format if cfg.input_format != "auto" else pools.detect_pool_format(cfg.input, cfg)
+        if fmt:
+            plan = pools.plan_pool(cfg, fmt)
+            log.info("input: detected %s (%d shard(s), ~%d rows)", fmt, len(plan.splits), plan.estimated_rows)
+            return plan
     files = expand_paths(cfg.input)
-    fmts = {detect_format(p) if cfg.input_format == "auto" else cfg.input_format for p in files}
+    fmts = {detect_format(p) if cfg.input_format in ("auto", "urls") else cfg.input_format for p in files}
     if None in fmts:
         bad = next(p for p in files if detect_format(p) is None)
         raise ConfigError(f"unknown input format for {bad!r}: use .parquet, .csv, .tsv or .jsonl "
@@ -308,7 +325,11 @@ def to_row(raw: dict[str, Any], plan: InputPlan) -> dict[str, Any]:
 
 
 def read_split(split: Split, plan: InputPlan) -> Iterator[dict[str, Any]]:
-    """Rows of one split. Unparseable lines come out as rows flagged for rejection."""
+    """Rows of one split. Unparseable lines come out as rows flagged for rejection (``__unreadable__``)."""
+    if split.fmt in POOL_FORMATS:
+        from clip_curate import pools
+        yield from pools.read_pool_split(split, plan)
+        return
     for raw in _raw_records(split):
         if "__unreadable__" in raw:
             yield {"uid": records.make_uid(raw["__unreadable__"], None), "url": None, "caption": None,
@@ -330,6 +351,11 @@ class _ValidateRow(beam.DoFn):
         if "__unreadable__" in row:
             detail = row.pop("__unreadable__")
             yield beam.pvalue.TaggedOutput(records.REJECTED_TAG, records.reject(row, "read", "unreadable_source", detail))
+        elif "__reject__" in row:  # (reason, detail) decided by a pool source, e.g. source_failed
+            reason, detail = row.pop("__reject__")
+            yield beam.pvalue.TaggedOutput(records.REJECTED_TAG, records.reject(row, "read", reason, detail))
+        elif row.get("image_bytes") is not None or row.get("image") is not None:
+            yield row  # pool rows hold their image; a URL is optional
         elif not row.get("url"):
             yield beam.pvalue.TaggedOutput(records.REJECTED_TAG, records.reject(row, "read", "missing_url", "empty url"))
         else:
