@@ -18,7 +18,7 @@ from clip_curate import records, summary
 from clip_curate.config import parse_run_args
 from clip_curate.pipeline import build_pipeline, existing_output_uids, resume_prefix, validate_stage_configs
 from clip_curate.reader import plan_input
-from clip_curate.writer import update_stats
+from clip_curate.writer import merge_counts, output_counts, read_stats, update_stats
 
 log = logging.getLogger("clip_curate")
 
@@ -31,7 +31,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     validate_stage_configs(cfg)                   # e.g. model exists, before any download work
     options = PipelineOptions(beam_args)
     options.view_as(SetupOptions).save_main_session = False
-    prefix, done_uids = "part", None
+    prefix, done_uids, previous = "part", None, None
     t0 = time.time()
     if _is_direct(options):
         # Beam's DirectRunner first tries Prism (downloading a binary from GitHub); we want its
@@ -41,14 +41,21 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     p = test_pipeline or beam.Pipeline(options=options)
     if cfg.run.resume:
         prefix = resume_prefix(cfg.output.output)
+        previous = output_counts(cfg.output.output)
         done_uids = existing_output_uids(p, cfg.output.output)
     build_pipeline(p, cfg, plan, shard_prefix=prefix, existing_uids=done_uids)
     result = p.run()
     result.wait_until_finish()
     wall = time.time() - t0
     counters = summary.query_counters(result)
-    stats = update_stats(cfg.output.output, timings={"wall_seconds": round(wall, 3),
-                                                      **summary.stage_msecs(result)},
+    stats = read_stats(cfg.output.output)
+    if previous is not None:
+        stats = merge_counts(stats, previous)
+    if cfg.reader.retry_from:
+        stats["retried_rows"] = stats["input_rows"]
+    stats.pop("timings", None)
+    stats = update_stats(cfg.output.output, **stats, timings={"wall_seconds": round(wall, 3),
+                                                               **summary.stage_msecs(result)},
                          counters=counters, config=summary.config_dict(cfg),
                          embedded_rows=counters.get("embedded_rows", 0))
     if stats["input_rows"] != stats["curated_rows"] + stats["rejected_rows"]:
