@@ -144,7 +144,8 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
         rows, stage_rejected = rows | name.capitalize() >> transform
         rows = rows | f"Progress{name.capitalize()}" >> beam.ParDo(ProgressLog(name, every))
         rejected.append(stage_rejected)
-    all_rejected = tuple(rejected) | "AllRejected" >> beam.Flatten()
+    all_rejected = (tuple(rejected) | "AllRejected" >> beam.Flatten()
+                    | "ProgressRejected" >> beam.ParDo(ProgressLog("rejected", every)))
     store = cfg.output.store_embeddings
     extra = plan.extra_fields
     from clip_curate.schema import curated_schema, rejected_schema
