@@ -432,19 +432,26 @@ class SafetyCheck(beam.PTransform):
 
     ``model_config`` is the run's CLIP ``ModelConfig``; without one (or with ``--clip-model none``)
     the concept check is skipped and ``nsfw_clip_score`` stays null. The concept check reuses each
-    row's ``image_embedding``; only the prompts are embedded, once per run.
+    row's ``image_embedding``; only the prompts are embedded, once per run. ``prompt_embeddings``
+    (``{"unsafe": (u, d) array, "neutral": (n, d) array}``, L2-normalised) may be given instead of a model.
     """
 
-    def __init__(self, config: SafetyConfig, model_config: Any = None):
+    def __init__(self, config: SafetyConfig, model_config: Any = None,
+                 prompt_embeddings: dict[str, np.ndarray] | None = None):
         super().__init__()
         self._cfg = config
         self._model_config = model_config
+        self._given = None
+        if prompt_embeddings is not None:
+            self._given = {k: np.asarray(prompt_embeddings[k], dtype=np.float32) for k in ("unsafe", "neutral")}
         self._wordlist = load_wordlist(config.unsafe_words) if config.caption_safety else None
         self._prompts = concept_prompts(config) if config.nsfw_concept else None
 
     def expand(self, rows):
         side = []
-        if self._prompts is not None and has_clip_model(self._model_config):
+        if self._prompts is not None and self._given is not None:
+            side = [beam.pvalue.AsSingleton(rows.pipeline | "GivenPrompts" >> beam.Create([self._given]))]
+        elif self._prompts is not None and has_clip_model(self._model_config):
             unsafe, neutral = self._prompts
             prompts = rows.pipeline | "ConceptPrompts" >> EmbedPromptSets(
                 self._model_config, {"unsafe": unsafe, "neutral": neutral})
