@@ -10,7 +10,7 @@ self-contained ``report.html``.
 
 Group membership of a row (per attribute): caption term match (whole word) OR, when the row has an
 image embedding and the audit has a CLIP model, CLIP zero-shot over the attribute's group prompts plus
-its background prompts (the group must win with probability >= ``--zero-shot-min-prob``). Ratios are
+its background prompts (the group must win with probability > ``--zero-shot-min-prob``). Ratios are
 computed on two bases so that like is compared with like: ``caption`` (caption terms, all rows) and
 ``caption_or_clip`` (rows that carry an image embedding only, since rows rejected before the CLIP
 stage have none).
@@ -56,7 +56,7 @@ class AuditConfig:
     ratio_high: float = opt(1.25, "flag a group whose representation ratio is above this")
     min_group_rows: int = opt(10, "only flag groups with at least this many input rows on the ratio's basis")
     audit_clip: bool = opt(True, "also assign groups by CLIP zero-shot on stored image embeddings")
-    zero_shot_min_prob: float = opt(0.5, "CLIP zero-shot: minimum probability of the winning group")
+    zero_shot_min_prob: float = opt(0.5, "CLIP zero-shot: the winning group needs a probability above this")
     zero_shot_temperature: float = opt(100.0, "CLIP zero-shot softmax temperature (CLIP's logit scale)")
     top_domains: int = opt(25, "domains listed per population")
 
@@ -192,7 +192,8 @@ def image_dims(row: dict) -> tuple[int | None, int | None]:
 
 def zero_shot_group(image_embedding: np.ndarray, group_embs: list[np.ndarray], background: np.ndarray | None,
                     temperature: float, min_prob: float) -> int | None:
-    """Index of the group CLIP assigns, or None (background wins or the winner is below ``min_prob``).
+    """Index of the group CLIP assigns, or None (background wins, or the winner's probability is not
+    above ``min_prob``: a tie between two groups assigns neither).
 
     Each class's logit is ``temperature * max cosine(image, its prompts)``; background prompts are
     classes of their own. Groups without prompts take no part.
@@ -212,7 +213,7 @@ def zero_shot_group(image_embedding: np.ndarray, group_embs: list[np.ndarray], b
     p = np.exp(z - z.max())
     p /= p.sum()
     best = int(p.argmax())
-    if owners[best] is None or p[best] < min_prob:
+    if owners[best] is None or p[best] <= min_prob:
         return None
     return owners[best]
 
