@@ -99,6 +99,8 @@ class SafetyConfig:
 # Caption word lists (pure)
 
 _SEPARATORS = r"[\s\-_]+"
+_SEPARATORS_FULL = re.compile(_SEPARATORS)
+_TOKEN = re.compile(r"[^\W_]+")  # a word: letters/digits (underscore and hyphen separate words)
 # Scripts written without spaces between words: their terms match as substrings.
 _NO_SPACE_SCRIPT = re.compile(r"[\u0e00-\u0e7f\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
@@ -129,19 +131,26 @@ class WordList:
         self.terms: tuple[str, ...] = tuple(keys.values())
         self.source = source
         self._by_key = keys
-        self._pattern = self._compile(sorted(keys, key=len, reverse=True))
+        # Fast path: terms made of plain word tokens, indexed by their first token (longest first).
+        self._by_first: dict[str, list[tuple[str, ...]]] = {}
+        self._substrings: list[str] = []
+        special = []
+        for key in sorted(keys, key=len, reverse=True):
+            words = tuple(key.split(" "))
+            if all(_NO_SPACE_SCRIPT.match(ch) for ch in key.replace(" ", "")):
+                self._substrings.append(key)
+            elif all(_TOKEN.fullmatch(w) for w in words):
+                self._by_first.setdefault(words[0], []).append(words)
+            else:
+                special.append(key)
+        self._special = self._compile(special)
 
     @staticmethod
     def _compile(keys: list[str]) -> re.Pattern | None:
+        """Regex for terms with inner punctuation ("f*ck", "a.s.s"): same boundary rules."""
         if not keys:
             return None
-        parts = []
-        for key in keys:
-            body = _SEPARATORS.join(re.escape(w) for w in key.split(" "))
-            if all(_NO_SPACE_SCRIPT.match(ch) for ch in key.replace(" ", "")):
-                parts.append(body)
-            else:
-                parts.append(rf"(?<![^\W_]){body}(?![^\W_])")
+        parts = [rf"(?<![^\W_]){_SEPARATORS.join(re.escape(w) for w in key.split(' '))}(?![^\W_])" for key in keys]
         return re.compile("|".join(parts))
 
     def __len__(self) -> int:
@@ -151,13 +160,34 @@ class WordList:
         return (WordList, (self.terms, self.source))
 
     def find(self, caption: str | None) -> str | None:
-        """The first list term found in ``caption`` (as written in the list), or None."""
-        if not caption or self._pattern is None:
+        """A list term found in ``caption`` (as written in the list; leftmost, longest), or None."""
+        if not caption or not self._by_key:
             return None
-        m = self._pattern.search(normalize_text(caption))
-        if m is None:
-            return None
-        return self._by_key.get(_term_key(m.group(0)), m.group(0))
+        text = normalize_text(caption)
+        if self._by_first:
+            tokens = list(_TOKEN.finditer(text))
+            for i, tok in enumerate(tokens):
+                for words in self._by_first.get(tok.group(0), ()):
+                    if self._matches_at(text, tokens, i, words):
+                        return self._by_key[" ".join(words)]
+        for key in self._substrings:
+            if key.replace(" ", "") in text:
+                return self._by_key[key]
+        if self._special is not None:
+            m = self._special.search(text)
+            if m is not None:
+                return self._by_key.get(_term_key(m.group(0)), m.group(0))
+        return None
+
+    @staticmethod
+    def _matches_at(text: str, tokens: list, i: int, words: tuple[str, ...]) -> bool:
+        if i + len(words) > len(tokens):
+            return False
+        for j in range(1, len(words)):
+            prev, cur = tokens[i + j - 1], tokens[i + j]
+            if cur.group(0) != words[j] or not _SEPARATORS_FULL.fullmatch(text, prev.end(), cur.start()):
+                return False
+        return True
 
 
 def parse_wordlist(text: str) -> tuple[str, ...]:

@@ -104,6 +104,11 @@ def test_multi_word_terms():
     assert caption_unsafe_term("blow jobs", wl) is None
     assert caption_unsafe_term("a job to blow", wl) is None
     assert caption_unsafe_term("self-harm awareness", wl) == "self harm"
+    # terms with inner punctuation keep the same boundary rules
+    special = WordList(["f*ck", "a.s.s"])
+    assert caption_unsafe_term("what the F*CK", special) == "f*ck"
+    assert caption_unsafe_term("of*cks", special) is None
+    assert caption_unsafe_term("an a.s.s.", special) == "a.s.s"
     # the longest term wins when one term is a prefix of another
     assert caption_unsafe_term("hardcore sex", WordList(["hardcore", "hardcore sex"])) == "hardcore sex"
 
