@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "aiohttp>=3.9",
     "protego>=0.3",
     "pyyaml>=6",
+    "jsonschema>=4",
     "torch>=2.1,<=2.14.1",
     "torchvision>=0.16,<=0.29.1",
     "open-clip-torch>=2.24",

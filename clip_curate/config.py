@@ -65,6 +65,7 @@ def load_yaml_config(path: str, classes: list[tuple[str, type]]) -> tuple[dict[s
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
     index = _key_index(classes)
+    _check_against_declared_schema(data, path)
     values: dict[str, Any] = {}
     beam_args: list[str] = []
     for raw_key, value in data.items():
@@ -78,6 +79,21 @@ def load_yaml_config(path: str, classes: list[tuple[str, type]]) -> tuple[dict[s
             raise ConfigError(f"--config {path}: unknown key '{raw_key}'{hint}")
         values[key] = coerce_value(index[key], key, value)
     return values, beam_args
+
+
+def _check_against_declared_schema(data: dict, path: str) -> None:
+    """Types and choices of known keys, per ``schemas/config.json`` (generated from the configs)."""
+    import jsonschema
+
+    from clip_curate.schema import load_declaration
+
+    declared = load_declaration("config")["properties"]
+    for raw_key, value in data.items():
+        key = str(raw_key).lstrip("-").replace("-", "_")
+        if key in declared:
+            errors = list(jsonschema.Draft202012Validator(declared[key]).iter_errors(value))
+            if errors:
+                raise ConfigError(f"--config {path}: key '{raw_key}': {errors[0].message}")
 
 
 def _beam_args_from_yaml(value: Any, path: str) -> list[str]:

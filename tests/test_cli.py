@@ -76,7 +76,7 @@ def test_yaml_config_sets_flags_and_rejects_unknown_keys(tmp_path, url_list):
         parse_run_args(["--config", str(bad)])
     typed = tmp_path / "typed.yaml"
     typed.write_text("input: x\noutput: y\nshard_rows: lots\n")
-    with pytest.raises(ConfigError, match="shard_rows': expected int"):
+    with pytest.raises(ConfigError, match="key 'shard_rows': 'lots' is not of type 'integer'"):
         parse_run_args(["--config", str(typed)])
 
 
@@ -93,3 +93,15 @@ def test_help_documents_every_flag():
     top = cli("--help")
     assert top.returncode == 0 and "demo" in top.stdout and "run" in top.stdout
     assert cli("frobnicate").returncode == 2
+
+
+def test_declared_config_schema_is_in_sync_with_the_configs():
+    import json
+    import os
+
+    from clip_curate.docgen import config_json_schema
+
+    path = os.path.join(os.path.dirname(__file__), "..", "schemas", "config.json")
+    with open(path) as f:
+        declared = json.load(f)
+    assert declared == config_json_schema(), "regenerate: python -m clip_curate.docgen config > schemas/config.json"
