@@ -688,13 +688,14 @@ def _join(base: str, *parts: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``clip-curate audit --input OUT [--output DIR] [--attributes FILE] [Beam options]``."""
-    from clip_curate.config import _Parser
+    from clip_curate.config import _Parser, validate_beam_args
 
     parser = _Parser(prog="clip-curate audit", allow_abbrev=False,
                      description="(Re)compute the bias audit (audit.json + report.html) of a clip-curate "
                                  "output directory. Other --flags are passed to Apache Beam.")
     add_audit_arguments(parser)
     ns, beam_args = parser.parse_known_args(list(argv or []))
+    validate_beam_args(beam_args)
     cfg = config_from_namespace(AuditConfig, ns)
     out = ns.output or _join(ns.input, "audit")
     code = run_audit(ns.input, out, None, beam_args, config=cfg, clip_model=ns.clip_model)

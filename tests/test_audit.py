@@ -263,6 +263,8 @@ def test_cli_audit_errors(tmp_path):
 
     assert cli_main(["audit", "--input", str(tmp_path / "nothing")]) == 2
     assert cli_main(["audit", "--input", str(out), "--ratio-low", "2"]) == 2
+    assert cli_main(["audit", "--input", str(out), "--no-such-flag"]) == 2
+    assert cli_main(["audit"]) == 2
 
 
 # ---------------------------------------------------------------------------------------------
