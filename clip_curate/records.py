@@ -22,6 +22,7 @@ REASONS: dict[str, tuple[str, ...]] = {
         "http_404", "http_4xx", "http_5xx", "timeout", "too_large", "redirect_loop",
         "too_many_redirects", "blocked_address", "blocked_scheme", "not_image", "connection_error",
         "dns_error", "opted_out", "robots_disallowed", "host_unavailable", "invalid_url",
+        "http_429", "robots_unavailable",
     ),
     "image": ("decode_error", "too_small", "too_large_pixels", "bad_aspect_ratio", "empty_body"),
     "embed": ("embed_error",),
@@ -31,7 +32,8 @@ REASONS: dict[str, tuple[str, ...]] = {
 }
 
 # Transient reasons: rows rejected for these are re-tried by ``--retry-from``.
-TRANSIENT_REASONS = ("timeout", "http_5xx", "connection_error", "dns_error", "host_unavailable")
+TRANSIENT_REASONS = ("timeout", "http_5xx", "connection_error", "dns_error", "host_unavailable",
+                     "http_429", "robots_unavailable")
 
 # Fields that never go into the rejected table (large, transient).
 _DROP_ON_REJECT = ("image_bytes", "image")
