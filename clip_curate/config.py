@@ -28,7 +28,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def all_config_classes() -> list[tuple[str, type]]:
-    return list(BASE_CONFIGS) + list(stage_config_classes().items())
+    from clip_curate.audit import AuditConfig
+    return list(BASE_CONFIGS) + list(stage_config_classes().items()) + [("audit", AuditConfig)]
 
 
 def build_run_parser(prog: str = "clip-curate run") -> argparse.ArgumentParser:
@@ -143,8 +144,8 @@ def parse_run_args(argv: Sequence[str]) -> tuple[CurateConfig, list[str]]:
     values.update({k: v for k, v in vars(ns).items() if k != "config"})
     validate_beam_args(beam_args)
     built = {title: config_from_namespace(cls, values) for title, cls in classes}
-    stages = {title: cfg for title, cfg in built.items() if title not in dict(BASE_CONFIGS)}
-    return CurateConfig(built["input"], built["output"], built["run"], stages), list(beam_args)
+    stages = {title: cfg for title, cfg in built.items() if title not in dict(BASE_CONFIGS) and title != "audit"}
+    return CurateConfig(built["input"], built["output"], built["run"], stages, built["audit"]), list(beam_args)
 
 
 def print_error(prog: str, exc: BaseException) -> None:

@@ -78,6 +78,7 @@ class CurateConfig:
     output: OutputConfig
     run: RunConfig
     stages: dict[str, Any] = field(default_factory=dict)  # stage name -> its config
+    audit: Any = None  # clip_curate.audit.AuditConfig when --audit
 
 
 class ProgressLog(beam.DoFn):
@@ -144,6 +145,11 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
         rows, stage_rejected = rows | name.capitalize() >> transform
         rows = rows | f"Progress{name.capitalize()}" >> beam.ParDo(ProgressLog(name, every))
         rejected.append(stage_rejected)
+        if name == "caption" and _early_caption_safety(cfg):
+            # Unsafe captions under the drop policy are rejected before any image is downloaded.
+            rows, early = rows | "CaptionSafety" >> beam.ParDo(
+                _CaptionSafety(cfg.stages["safety"])).with_outputs(records.REJECTED_TAG, main="rows")
+            rejected.append(early)
     all_rejected = (tuple(rejected) | "AllRejected" >> beam.Flatten()
                     | "ProgressRejected" >> beam.ParDo(ProgressLog("rejected", every)))
     store = cfg.output.store_embeddings
@@ -155,7 +161,39 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
     all_rejected | "WriteRejected" >> WriteParquetTable(join(out, "rejected"), rejected_schema(extra, store),
                                                         n_cur, shard_prefix, "rejected_rows")
     (input_rows, rows, all_rejected) | "Stats" >> WriteStats(out, {"stages": list(enabled)})
+    if cfg.run.audit:
+        from clip_curate.audit import BiasAudit
+        embed_cfg = cfg.stages.get("embed") if "embed" in enabled else None
+        (rows, all_rejected) | "Audit" >> BiasAudit(join(out, "audit"), cfg.audit, model_config=embed_cfg)
     return {"input": input_rows, "curated": rows, "rejected": all_rejected}
+
+
+def _early_caption_safety(cfg: CurateConfig) -> bool:
+    safety = cfg.stages.get("safety")
+    return (safety is not None and "safety" in cfg.run.enabled() and safety.nsfw_policy == "drop"
+            and safety.caption_safety)
+
+
+class _CaptionSafety(beam.DoFn):
+    """Reject captions matching the unsafe word list (``caption/unsafe_caption``), before download."""
+
+    def __init__(self, safety_cfg):
+        self._cfg = safety_cfg
+        self._dropped = beam.metrics.Metrics.counter(records.METRICS_NAMESPACE, "caption_unsafe_caption")
+
+    def setup(self):
+        from clip_curate.safety import load_wordlist
+        self._words = load_wordlist(self._cfg.unsafe_words)
+
+    def process(self, row):
+        from clip_curate.safety import caption_unsafe_term
+        term = caption_unsafe_term(row.get("caption"), self._words)
+        if term:
+            self._dropped.inc()
+            yield beam.pvalue.TaggedOutput(records.REJECTED_TAG,
+                                           records.reject(row, "caption", "unsafe_caption", f"term={term!r}"))
+        else:
+            yield row
 
 
 class _SkipExisting(beam.PTransform):
