@@ -44,7 +44,8 @@ the query string. :func:`fault_routes` returns the standard fault web used by th
 Counters (``srv.stats(host=None)`` returns a :class:`Stats` snapshot; ``host`` is a local address):
 ``requests`` (path -> count), ``requests_total``, ``bytes_sent`` (body and header bytes accepted by the
 kernel, not merely queued), ``active`` / ``max_active`` (requests being answered now / at most at once),
-``connections`` / ``max_connections`` (open TCP connections now / at most). ``srv.reset_stats()`` zeroes them.
+``connections`` / ``max_connections`` (open TCP connections now / at most), ``first_request_at`` /
+``last_request_at`` (``time.time()`` of the first / last request head). ``srv.reset_stats()`` zeroes them.
 
 Binding 127.0.0.2, 127.0.0.3, ... works on Linux without setup (the whole 127.0.0.0/8 is loopback).
 """
@@ -66,7 +67,7 @@ from urllib.parse import urlsplit
 __all__ = ["Route", "Request", "Stats", "WebServer", "fault_routes", "tiny_jpeg", "loopback_hosts"]
 
 _REASON_PHRASES = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other", 307: "Temporary Redirect",
-                   308: "Permanent Redirect", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+                   308: "Permanent Redirect", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 410: "Gone",
                    429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
                    503: "Service Unavailable", 504: "Gateway Timeout"}
 
@@ -113,6 +114,8 @@ class Stats:
     max_active: int = 0
     connections: int = 0
     max_connections: int = 0
+    first_request_at: float | None = None  # time.time() of the first / last request head received
+    last_request_at: float | None = None
 
     @property
     def requests_total(self) -> int:
@@ -190,6 +193,9 @@ class _Core:
                 total.connections += s.connections
                 total.max_active = max(total.max_active, s.max_active)
                 total.max_connections = max(total.max_connections, s.max_connections)
+                for attr, pick in (("first_request_at", min), ("last_request_at", max)):
+                    vals = [v for v in (getattr(total, attr), getattr(s, attr)) if v is not None]
+                    setattr(total, attr, pick(vals) if vals else None)
             if len(self.stats) > 1:  # whole-server maxima are not the max of per-host maxima
                 total.max_active = self._max_active_all
                 total.max_connections = self._max_conn_all
@@ -264,6 +270,9 @@ class _Core:
                     n = self.seen[(local, path)]
                     self.seen[(local, path)] += 1
                     st.requests[path] += 1
+                    st.last_request_at = time.time()
+                    if st.first_request_at is None:
+                        st.first_request_at = st.last_request_at
                 req = Request(method, path, host, local, headers, n)
                 self._bump(st, "active", +1)
                 try:
@@ -272,7 +281,7 @@ class _Core:
                     self._bump(st, "active", -1)
                 if not keep:
                     return
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             return
         finally:
             self._bump(st, "conn", -1)
@@ -282,14 +291,26 @@ class _Core:
     async def _send(self, writer: asyncio.StreamWriter, st: Stats, data: bytes) -> None:
         if writer.transport.is_closing():
             raise ConnectionResetError("peer closed")
-        before = writer.transport.get_write_buffer_size()
+        writer.written = getattr(writer, "written", 0) + len(data)
         writer.write(data)
         try:
             await writer.drain()
         finally:
-            after = writer.transport.get_write_buffer_size()
-            with self.lock:
-                st.bytes_sent += max(0, before + len(data) - after)
+            self._account(writer, st)
+
+    def _account(self, writer: asyncio.StreamWriter, st: Stats) -> None:
+        """Add the bytes that left asyncio's buffer for the kernel since the last call."""
+        sent = getattr(writer, "written", 0) - writer.transport.get_write_buffer_size()
+        with self.lock:
+            st.bytes_sent += max(0, sent - getattr(writer, "accounted", 0))
+        writer.accounted = max(sent, getattr(writer, "accounted", 0))
+
+    async def _flush(self, writer: asyncio.StreamWriter, st: Stats) -> None:
+        for _ in range(400):  # wait (up to ~2 s) for the tail of a response to reach the kernel
+            if writer.transport.is_closing() or not writer.transport.get_write_buffer_size():
+                break
+            await asyncio.sleep(0.005)
+        self._account(writer, st)
 
     async def _respond(self, req: Request, writer, st: Stats, version: str, req_headers: dict) -> bool:
         route = self._lookup(req)
@@ -328,6 +349,7 @@ class _Core:
             step = 1 << 16
             for i in range(0, len(data), step):
                 await self._send(writer, st, data[i:i + step])
+        await self._flush(writer, st)
         if route.truncate_to is not None:  # close cleanly (FIN) mid-body: the client sees a short read
             writer.close()
             return False
