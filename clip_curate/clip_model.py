@@ -1,0 +1,609 @@
+"""Loading open_clip models for the embedding stage: names, checkpoints, devices and precision.
+
+``--clip-model`` accepts
+
+* ``synthetic-tiny`` — the model bundled with the package (open_clip ``local-dir:`` layout in
+  ``clip_curate/data/synthetic-tiny/``), trained by ``clip-curate train-tiny`` on the synthetic world;
+* an open_clip architecture name (``ViT-B-32``) with ``--clip-pretrained TAG``
+  (``laion2b_s34b_b79k``, ``openai`` ...), downloaded by open_clip from the Hugging Face hub or the
+  tag's URL when online and cached (``~/.cache/huggingface`` / ``~/.cache/clip``); without a tag the
+  architecture is randomly initialised (seeded, for benchmarks);
+* ``hf-hub:org/repo`` — an open_clip model repo on the hub (``open_clip_config.json`` + weights);
+* a local path: a directory in open_clip ``local-dir:`` layout (``open_clip_config.json`` + weights),
+  a weights file with an ``open_clip_config.json`` beside it, or ``--clip-model ARCH
+  --clip-pretrained FILE``. Weights are ``.safetensors`` or torch files read with
+  ``weights_only=True``: pickled objects are refused, never executed;
+* ``test-tiny-random`` — a seeded random-init tiny config, for tests only.
+
+:func:`validate_model_config` runs the cheap checks (names, files, tags, hub reachability) when the
+pipeline is built, before any download work; :func:`load_clip` builds the model on a worker.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import logging
+import os
+import pickle
+import socket
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from clip_curate.options import ConfigError, opt
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_TINY = "synthetic-tiny"
+TEST_TINY_RANDOM = "test-tiny-random"
+HF_HUB_PREFIX = "hf-hub:"
+CONFIG_FILE = "open_clip_config.json"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+RANDOM_INIT_SEED = 0
+
+#: Random-init tiny config for tests (``--clip-model test-tiny-random``): ~1.8 M parameters, 32 px.
+TEST_TINY_MODEL_CFG: dict[str, Any] = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+TEST_TINY_PREPROCESS_CFG: dict[str, Any] = {
+    "size": 32, "mode": "RGB", "mean": (0.48145466, 0.4578275, 0.40821073),
+    "std": (0.26862954, 0.26130258, 0.27577711), "interpolation": "bicubic", "resize_mode": "shortest",
+}
+
+#: ``--min-clip-score`` recommended per model (cosine). synthetic-tiny: measured on fresh worlds
+#: (see docs/readme/clip.md); ViT-B-32: the LAION-400M threshold (OpenAI ViT-B/32 weights).
+RECOMMENDED_THRESHOLDS: dict[str, float] = {
+    SYNTHETIC_TINY: 0.2,
+    "ViT-B-32": 0.28,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The CLIP model of the embedding stage (``--clip-model none`` skips the stage)."""
+
+    clip_model: str = opt(SYNTHETIC_TINY, "CLIP model: synthetic-tiny (bundled), an open_clip architecture "
+                                          "name (with --clip-pretrained), hf-hub:org/repo, a local checkpoint "
+                                          "directory or file, or none to skip embedding")
+    clip_pretrained: str | None = opt(None, "open_clip pretrained tag for an architecture name "
+                                            "(e.g. laion2b_s34b_b79k, openai) or a local weights file")
+    device: str = opt("auto", "where the model runs: auto (cuda when visible), cpu, cuda",
+                      choices=("auto", "cpu", "cuda"))
+    precision: str = opt("fp32", "inference precision: fp32, bf16 or fp16 (autocast; fp16 on CPU runs fp32)",
+                         choices=("fp32", "bf16", "fp16"))
+    batch_size: int = opt(64, "images per forward pass (RunInference max batch size)")
+    accelerator: str | None = opt(None, "Beam resource hint for the embedding step, e.g. "
+                                        "'type:nvidia-tesla-t4;count:1;install-nvidia-driver' (Dataflow GPU)")
+    share_model: bool = opt(False, "load one model copy per machine shared by all worker processes "
+                                   "(Beam large_model; for big models on GPU workers)")
+    reuse_embeddings: bool = opt(True, "keep stored image/text embeddings of input rows made by the same "
+                                       "model (embed_model) instead of recomputing them")
+
+    def __post_init__(self):
+        if not str(self.clip_model or "").strip():
+            raise ConfigError("--clip-model: empty; pass synthetic-tiny, an open_clip name, hf-hub:org/repo, "
+                              "a checkpoint path, or none")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size: must be >= 1, got {self.batch_size}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device: {self.device!r} is not one of auto, cpu, cuda")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"--precision: {self.precision!r} is not one of fp32, bf16, fp16")
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip_model.strip().lower() not in ("none", "")
+
+
+@dataclass
+class LoadedClip:
+    """A loaded open_clip model in eval mode with its own preprocessing and tokenizer."""
+
+    model: Any            # open_clip CLIP / CustomTextCLIP
+    preprocess: Callable  # PIL image -> float tensor [3, S, S] (the model's eval transform)
+    tokenizer: Callable   # list[str] -> LongTensor [N, context_length]
+    model_id: str         # stable identity of the weights (see model_id())
+    embed_dim: int
+    device: Any = None    # torch.device the model sits on
+    precision: str = "fp32"  # effective precision (fp16 on CPU becomes fp32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Name resolution (cheap, no torch model built)
+
+@dataclass(frozen=True)
+class _Spec:
+    kind: str                 # synthetic | test | arch | hf | dir | file
+    name: str                 # arch name / hub id / path
+    pretrained: str | None = None   # tag or weights file (arch)
+    weights: str | None = None      # weights file (dir / file)
+
+
+def synthetic_tiny_dir() -> Path:
+    """Directory of the bundled ``synthetic-tiny`` checkpoint."""
+    from importlib import resources
+
+    return Path(str(resources.files("clip_curate.data").joinpath(SYNTHETIC_TINY)))
+
+
+def _looks_like_path(name: str) -> bool:
+    return (os.sep in name or "/" in name or name.startswith((".", "~"))
+            or name.lower().endswith(WEIGHT_SUFFIXES) or name.startswith("local-dir:"))
+
+
+def _find_weights_in_dir(d: Path) -> str | None:
+    for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors",
+                  "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "pytorch_model.bin",
+                  "model.pth"):
+        if (d / fname).is_file():
+            return str(d / fname)
+    found = sorted(p for p in d.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    found.sort(key=lambda p: p.suffix != ".safetensors")
+    return str(found[0]) if found else None
+
+
+def _open_clip_models() -> list[str]:
+    import open_clip
+
+    return list(open_clip.list_models())
+
+
+def _resolve(cfg: ModelConfig) -> _Spec:
+    """Classify ``--clip-model``/``--clip-pretrained``; raises ConfigError for unknown names/files."""
+    name = cfg.clip_model.strip()
+    pretrained = (cfg.clip_pretrained or "").strip() or None
+    if name == SYNTHETIC_TINY or name == TEST_TINY_RANDOM:
+        if pretrained:
+            raise ConfigError(f"--clip-pretrained: not used with --clip-model {name}; drop it")
+        if name == SYNTHETIC_TINY:
+            d = synthetic_tiny_dir()
+            weights = _find_weights_in_dir(d) if (d / CONFIG_FILE).is_file() else None
+            if weights is None:
+                raise ConfigError(f"--clip-model synthetic-tiny: the bundled checkpoint is missing from {d}; "
+                                  "reinstall clip-curate or train it with `clip-curate train-tiny --output DIR` "
+                                  "and pass --clip-model DIR")
+            return _Spec("synthetic", str(d), weights=weights)
+        return _Spec("test", name)
+    if name.startswith(HF_HUB_PREFIX):
+        if pretrained:
+            raise ConfigError("--clip-pretrained: not used with an hf-hub: model (the repo holds the weights); drop it")
+        if not name[len(HF_HUB_PREFIX):].strip("/"):
+            raise ConfigError("--clip-model hf-hub:: missing repo id; use hf-hub:org/repo")
+        return _Spec("hf", name[len(HF_HUB_PREFIX):])
+    models = _open_clip_models()
+    arch = name.replace("/", "-")
+    if arch in models and not _looks_like_existing_path(name):
+        if pretrained is None:
+            return _Spec("arch", arch)
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if pretrained in tags:
+            return _Spec("arch", arch, pretrained=pretrained)
+        if _looks_like_path(pretrained) or os.path.exists(pretrained):
+            path = os.path.expanduser(pretrained)
+            if not os.path.isfile(path):
+                raise ConfigError(f"--clip-pretrained: weights file not found: {pretrained}")
+            return _Spec("arch", arch, pretrained=None, weights=path)
+        close = difflib.get_close_matches(pretrained, tags, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"--clip-pretrained: unknown tag {pretrained!r} for {arch}; {hint}available: "
+                          f"{', '.join(tags) or 'none (pass a weights file)'}")
+    if name.startswith("local-dir:"):
+        name = name[len("local-dir:"):]
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        if not (path / CONFIG_FILE).is_file():
+            raise ConfigError(f"--clip-model {name}: directory has no {CONFIG_FILE} (open_clip local-dir layout: "
+                              f"{CONFIG_FILE} with model_cfg + weights)")
+        weights = _find_weights_in_dir(path)
+        if weights is None:
+            raise ConfigError(f"--clip-model {name}: no weights (*.safetensors, *.pt, *.bin) in the directory")
+        if pretrained:
+            raise ConfigError("--clip-pretrained: not used with a checkpoint directory; drop it")
+        return _Spec("dir", str(path), weights=weights)
+    if path.is_file():
+        if pretrained:
+            raise ConfigError("--clip-pretrained: not used with a checkpoint file; drop it")
+        if not (path.parent / CONFIG_FILE).is_file():
+            raise ConfigError(f"--clip-model {name}: a bare weights file needs its architecture: put {CONFIG_FILE} "
+                              "beside it, or pass --clip-model ARCH --clip-pretrained FILE")
+        return _Spec("dir", str(path.parent), weights=str(path))
+    if _looks_like_path(name):
+        raise ConfigError(f"--clip-model: checkpoint not found: {name}")
+    close = difflib.get_close_matches(name, [SYNTHETIC_TINY] + models, n=4, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ConfigError(f"--clip-model: unknown model {name!r}; {hint}use synthetic-tiny, an open_clip architecture "
+                      "(python -c 'import open_clip; print(open_clip.list_models())'), hf-hub:org/repo, "
+                      "or a checkpoint path")
+
+
+def _looks_like_existing_path(name: str) -> bool:
+    return _looks_like_path(name) and os.path.exists(os.path.expanduser(name))
+
+
+def _file_digest(path: str, chunk: int = 4 << 20) -> str:
+    """sha256 of a weights file (files over 256 MiB: size + first and last 4 MiB), 12 hex chars."""
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size <= 256 << 20:
+            for block in iter(lambda: f.read(chunk), b""):
+                h.update(block)
+        else:
+            h.update(str(size).encode())
+            h.update(f.read(chunk))
+            f.seek(-chunk, os.SEEK_END)
+            h.update(f.read(chunk))
+    return h.hexdigest()[:12]
+
+
+def model_id(cfg: ModelConfig) -> str:
+    """Stable identity of the model weights, without building the model.
+
+    ``synthetic-tiny@<sha12>``, ``ViT-B-32@laion2b_s34b_b79k``, ``ViT-B-32@random-init``,
+    ``hf-hub:org/repo``, ``<dir or file name>@<sha12>``, ``test-tiny-random@random-init``.
+    """
+    spec = _resolve(cfg)
+    if spec.kind in ("synthetic", "dir"):
+        label = SYNTHETIC_TINY if spec.kind == "synthetic" else Path(spec.weights).name
+        return f"{label}@{_file_digest(spec.weights)}"
+    if spec.kind == "test":
+        return f"{TEST_TINY_RANDOM}@random-init"
+    if spec.kind == "hf":
+        return f"{HF_HUB_PREFIX}{spec.name}"
+    if spec.weights:
+        return f"{spec.name}@{Path(spec.weights).name}@{_file_digest(spec.weights)}"
+    return f"{spec.name}@{spec.pretrained or 'random-init'}"
+
+
+def embed_model_key(cfg: ModelConfig) -> str:
+    """What rows record in ``embed_model``: model id + effective precision (``.../fp32``)."""
+    return f"{model_id(cfg)}/{effective_precision(cfg, resolve_device(cfg.device, check=False))}"
+
+
+def recommended_threshold(name: str) -> float | None:
+    """Recommended ``--min-clip-score`` for a model name (None when unknown)."""
+    return RECOMMENDED_THRESHOLDS.get(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and precision
+
+def resolve_device(device: str, *, check: bool = True) -> str:
+    """``auto`` -> ``cuda`` when visible else ``cpu``. ``cuda`` without a visible GPU raises
+    (never a silent CPU fallback) unless ``check`` is false."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and check and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible to this process; use --device cpu or auto "
+                          "(on Dataflow set --accelerator so workers get a GPU)")
+    return device
+
+
+def effective_precision(cfg: ModelConfig, device: str) -> str:
+    """fp16 on CPU runs in fp32 (CPU fp16 matmuls are slow or missing); the rest as asked."""
+    return "fp32" if cfg.precision == "fp16" and device == "cpu" else cfg.precision
+
+
+def precision_note(cfg: ModelConfig, device: str) -> str | None:
+    """The message logged when a precision is adjusted or unusual on this device."""
+    if cfg.precision == "fp16" and device == "cpu":
+        return "--precision fp16: not supported on CPU; the embedding stage runs in fp32 there"
+    if cfg.precision == "bf16" and device == "cpu":
+        return ("--precision bf16 on CPU: runs under torch CPU autocast (bfloat16); often slower than fp32 "
+                "on CPUs without bf16 instructions")
+    return None
+
+
+def autocast_context(device: str, precision: str):
+    """``torch.autocast`` for bf16/fp16 (CPU: bf16 only), else a null context."""
+    import contextlib
+
+    import torch
+
+    if precision == "bf16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    if precision == "fp16" and device != "cpu":
+        return torch.autocast(device_type=device, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (pipeline construction time)
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _hub_offline_reason(timeout_s: float = 3.0) -> str | None:
+    """Why the hub can't be reached (HF_HUB_OFFLINE set, or a failed TCP connect), else None."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    url = urllib.parse.urlsplit(_hub_endpoint())
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return f"cannot connect to {url.scheme}://{host}:{port} ({exc.__class__.__name__}: {exc})"
+
+
+def _hf_cached(repo_id: str, filenames: Sequence[str]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    for fname in filenames:
+        hit = try_to_load_from_cache(repo_id, fname)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return True
+    return False
+
+
+_HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                    "open_clip_pytorch_model.bin")
+
+
+def _weights_cached(spec: _Spec) -> bool:
+    if spec.kind == "hf":
+        return _hf_cached(spec.name, (CONFIG_FILE,)) and _hf_cached(spec.name, _HF_WEIGHT_FILES)
+    from open_clip.pretrained import get_pretrained_cfg
+
+    pcfg = get_pretrained_cfg(spec.name, spec.pretrained) or {}
+    hub = pcfg.get("hf_hub", "")
+    if hub:
+        repo, fname = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+        names = [fname, fname.replace(".bin", ".safetensors")] if fname else list(_HF_WEIGHT_FILES)
+        if _hf_cached(repo, [n for n in names if n]):
+            return True
+    url = pcfg.get("url", "")
+    return bool(url) and os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
+
+
+def validate_model_config(cfg: ModelConfig, *, check_network: bool = True) -> None:
+    """Cheap checks before any work: name/tag/file, hub reachability for weights not yet cached,
+    the device. Raises ConfigError with the flag and the fix; logs precision notes."""
+    if not cfg.enabled:
+        return
+    spec = _resolve(cfg)
+    if check_network and (spec.kind == "hf" or (spec.kind == "arch" and spec.pretrained)):
+        if not _weights_cached(spec):
+            reason = _hub_offline_reason()
+            if reason:
+                what = cfg.clip_model + (f" --clip-pretrained {cfg.clip_pretrained}" if cfg.clip_pretrained else "")
+                raise ConfigError(f"--clip-model {what}: the weights are not cached and can't be fetched ({reason}); "
+                                  "download them where you are online, or pass a local checkpoint: --clip-model DIR "
+                                  f"(open_clip local-dir: {CONFIG_FILE} + weights) or --clip-model ARCH "
+                                  "--clip-pretrained FILE.safetensors")
+    if cfg.device == "cuda" and not cfg.accelerator:
+        resolve_device("cuda")  # raises without a GPU; with --accelerator the workers are checked on load
+    device = resolve_device(cfg.device, check=False)
+    note = precision_note(cfg, device)
+    if note:
+        log.warning(note)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading (on the worker)
+
+def _safe_state_dict(path: str) -> dict[str, Any]:
+    """Weights from ``.safetensors`` or a torch file read with ``weights_only=True``.
+
+    A torch file holding pickled objects other than tensors/containers raises ConfigError: it is
+    never unpickled."""
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad checkpoint
+            raise ConfigError(f"--clip-model: cannot read safetensors checkpoint {path}: {exc}") from None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ConfigError(f"--clip-model: refusing to unpickle {path}: it holds objects other than weights "
+                          f"({first[:160]}); convert it to .safetensors or a plain state_dict") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"--clip-model: cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        raise ConfigError(f"--clip-model: {path} holds no state_dict")
+    return sd
+
+
+def _apply_state_dict(model, sd: dict[str, Any], path: str) -> None:
+    """open_clip's checkpoint conversions, then a strict load."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    if next(iter(sd)).startswith("module."):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    sd = convert_state_dict(model, sd)
+    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+        sd = convert_to_custom_text_state_dict(sd)
+    for key in ("logit_scale", "logit_bias"):
+        if key in sd and getattr(model, key, None) is not None and model.state_dict()[key].ndim != sd[key].ndim:
+            sd[key] = sd[key].reshape(model.state_dict()[key].shape)
+    if "logit_bias" not in sd and getattr(model, "logit_bias", None) is not None and "logit_scale" in sd:
+        import torch
+
+        sd["logit_bias"] = torch.zeros_like(sd["logit_scale"])
+    resize_pos_embed(sd, model)
+    resize_text_pos_embed(sd, model)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"--clip-model: {path} does not match the model config: "
+                          f"{str(exc).splitlines()[0][:300]}") from None
+
+
+def _seeded(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` with torch's RNG seeded (random init identical in every worker process)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return fn()
+
+
+def _transform(model, fallback_cfg: dict[str, Any] | None = None):
+    import open_clip
+
+    return _transform_from_cfg(dict(open_clip.get_model_preprocess_cfg(model) or fallback_cfg or {}))
+
+
+def load_clip(cfg: ModelConfig, device: str | None = None) -> LoadedClip:
+    """Build the model (eval mode, on its device) with its preprocessing and tokenizer.
+
+    Raises ConfigError for user mistakes (bad names, refused or mismatched checkpoints, cuda
+    without a GPU)."""
+    import open_clip
+    import torch
+
+    spec = _resolve(cfg)
+    dev = resolve_device(device or cfg.device)
+    note = precision_note(cfg, dev)
+    if note:
+        log.info(note)
+    mid = model_id(cfg)
+    if spec.kind == "test":
+        model = _seeded(lambda: open_clip.CLIP(**copy.deepcopy(TEST_TINY_MODEL_CFG)))
+        open_clip.set_model_preprocess_cfg(model, dict(TEST_TINY_PREPROCESS_CFG))
+        tokenizer = open_clip.get_tokenizer("ViT-B-32",
+                                            context_length=TEST_TINY_MODEL_CFG["text_cfg"]["context_length"])
+    elif spec.kind in ("synthetic", "dir"):
+        local = f"local-dir:{spec.name}"
+        try:
+            model = _seeded(lambda: open_clip.create_model(local, load_weights=False))
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--clip-model {spec.name}: bad {CONFIG_FILE}: {exc}") from None
+        _apply_state_dict(model, _safe_state_dict(spec.weights), spec.weights)
+        tokenizer = open_clip.get_tokenizer(local)
+    elif spec.kind == "hf":
+        model = open_clip.create_model(HF_HUB_PREFIX + spec.name, weights_only=True, require_pretrained=True)
+        tokenizer = open_clip.get_tokenizer(HF_HUB_PREFIX + spec.name)
+    else:  # architecture name
+        if spec.pretrained:
+            model = open_clip.create_model(spec.name, pretrained=spec.pretrained, weights_only=True,
+                                           require_pretrained=True)
+        else:
+            model = _seeded(lambda: open_clip.create_model(spec.name))
+            if spec.weights:
+                _apply_state_dict(model, _safe_state_dict(spec.weights), spec.weights)
+            else:
+                log.warning("--clip-model %s without --clip-pretrained: random weights (seed %d); scores are "
+                            "meaningless (benchmarks only)", spec.name, RANDOM_INIT_SEED)
+        tokenizer = open_clip.get_tokenizer(spec.name)
+    preprocess = _transform(model, TEST_TINY_PREPROCESS_CFG if spec.kind == "test" else None)
+    model = model.to(torch.device(dev)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    embed_dim = _probe_dim(model, dev)
+    return LoadedClip(model, preprocess, tokenizer, mid, embed_dim, torch.device(dev), effective_precision(cfg, dev))
+
+
+def _probe_dim(model, dev: str) -> int:
+    import torch
+
+    size = open_clip_image_size(model)
+    with torch.inference_mode():
+        return int(model.encode_image(torch.zeros(1, 3, size, size, device=dev)).shape[-1])
+
+
+def open_clip_image_size(model) -> int:
+    size = getattr(model.visual, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _transform_from_cfg(pcfg: dict[str, Any]):
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    known = set(PreprocessCfg.__dataclass_fields__)
+    return image_transform_v2(PreprocessCfg(**{k: (tuple(v) if isinstance(v, list) else v)
+                                               for k, v in pcfg.items() if k in known}), is_train=False)
+
+
+def load_preprocess(cfg: ModelConfig) -> tuple[Callable, Callable]:
+    """``(eval transform, tokenizer)`` of the model without loading its weights (same values as
+    :func:`load_clip` gives): for the CPU preprocessing step that runs before the forward pass."""
+    from dataclasses import asdict
+
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    spec = _resolve(cfg)
+    pcfg = asdict(PreprocessCfg())
+    if spec.kind == "test":
+        model_cfg, tok = TEST_TINY_MODEL_CFG, open_clip.get_tokenizer(
+            "ViT-B-32", context_length=TEST_TINY_MODEL_CFG["text_cfg"]["context_length"])
+        pcfg = merge_preprocess_dict(pcfg, TEST_TINY_PREPROCESS_CFG)
+    elif spec.kind in ("synthetic", "dir"):
+        with open(os.path.join(spec.name, CONFIG_FILE), encoding="utf-8") as f:
+            local = json.load(f)
+        model_cfg = local["model_cfg"]
+        pcfg = merge_preprocess_dict(pcfg, local.get("preprocess_cfg", {}))
+        tok = open_clip.get_tokenizer(f"local-dir:{spec.name}")
+    elif spec.kind == "hf":
+        from open_clip.factory import _get_hf_config
+
+        hub_cfg = _get_hf_config(spec.name)
+        model_cfg = hub_cfg["model_cfg"]
+        pcfg = merge_preprocess_dict(pcfg, hub_cfg.get("preprocess_cfg", {}))
+        tok = open_clip.get_tokenizer(HF_HUB_PREFIX + spec.name)
+    else:
+        from open_clip.pretrained import get_pretrained_cfg
+
+        model_cfg = open_clip.get_model_config(spec.name) or {}
+        if spec.pretrained:
+            pcfg = merge_preprocess_dict(pcfg, get_pretrained_cfg(spec.name, spec.pretrained) or {})
+        tok = open_clip.get_tokenizer(spec.name)
+    pcfg["size"] = model_cfg.get("vision_cfg", {}).get("image_size", pcfg["size"])
+    return _transform_from_cfg(pcfg), tok
+
+
+def _l2(x):
+    import torch
+
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def encode_texts(loaded: LoadedClip, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """L2-normalised text embeddings ``[N, D]`` (float32) with the loaded model."""
+    import torch
+
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = loaded.tokenizer(list(texts[i:i + batch_size])).to(loaded.device)
+        with torch.inference_mode(), autocast_context(loaded.device.type, loaded.precision):
+            out.append(_l2(loaded.model.encode_text(tokens)).cpu().numpy())
+    if not out:
+        return np.zeros((0, loaded.embed_dim), np.float32)
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def encode_images(loaded: LoadedClip, images: Sequence[Any], batch_size: int = 256) -> np.ndarray:
+    """L2-normalised image embeddings ``[N, D]`` (float32) of PIL images with the model's preprocessing."""
+    import torch
+
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.stack([loaded.preprocess(im) for im in images[i:i + batch_size]]).to(loaded.device)
+        with torch.inference_mode(), autocast_context(loaded.device.type, loaded.precision):
+            out.append(_l2(loaded.model.encode_image(x)).cpu().numpy())
+    if not out:
+        return np.zeros((0, loaded.embed_dim), np.float32)
+    return np.concatenate(out).astype(np.float32, copy=False)

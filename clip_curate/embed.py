@@ -1,0 +1,266 @@
+"""The embedding stage: open_clip image and text towers through Beam's ``RunInference``.
+
+    rows ─► Prepare (CPU: decode JPEG, the model's resize/crop, tokenize) ─► RunInference(keyed handler,
+         batched) ─► Attach (image_embedding, text_embedding, clip_score, embed_model)
+
+Preprocessing runs in its own DoFn before ``RunInference`` and hands the handler uint8 pixels
+(4x smaller than float tensors); ToTensor/Normalize of the model's transform run on the device in
+the batch. On runners that execute several bundles per process (Dataflow, Flink, the DirectRunner
+in multi_threading mode) one thread's decode overlaps another's forward pass on the shared model.
+Rows that already carry embeddings made by the same model (``embed_model``) skip the model.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+
+from clip_curate import records
+from clip_curate.clip_model import ModelConfig, autocast_context, embed_model_key, load_clip, load_preprocess
+
+log = logging.getLogger(__name__)
+
+STAGE = "embed"
+EMBED_FIELDS = ("image_embedding", "text_embedding", "clip_score", "embed_model")
+METRICS = records.METRICS_NAMESPACE
+
+
+@dataclass(frozen=True)
+class PixelPlan:
+    """How a PIL image becomes model input: the PIL part of the model's transform, then (on the
+    device) ``x / 255``, ``(x - mean) / std`` — exactly open_clip's ToTensor + Normalize."""
+
+    pil_transform: Any
+    mean: tuple[float, float, float] | None  # None: pil_transform already yields the float tensor
+    std: tuple[float, float, float] | None
+
+
+def pixel_plan(preprocess) -> PixelPlan:
+    """Split open_clip's eval ``Compose`` at ToTensor; falls back to the whole transform."""
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
+    steps = list(getattr(preprocess, "transforms", []))
+    if (len(steps) >= 2 and isinstance(steps[-1], Normalize) and isinstance(steps[-2], ToTensor)
+            and not any(isinstance(s, (ToTensor, Normalize)) for s in steps[:-2])):
+        norm = steps[-1]
+        return PixelPlan(Compose(steps[:-2]), tuple(float(v) for v in norm.mean), tuple(float(v) for v in norm.std))
+    return PixelPlan(preprocess, None, None)
+
+
+def prepare_image(image_bytes: bytes, plan: PixelPlan) -> np.ndarray:
+    """JPEG/PNG bytes -> model input: uint8 ``[3, S, S]`` (or float32 when the plan has no split)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image_bytes)) as im:
+        im.load()
+        out = plan.pil_transform(im.convert("RGB"))
+    if plan.mean is None:
+        return np.asarray(out, dtype=np.float32)
+    arr = np.asarray(out, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+class ClipEmbedder:
+    """The object RunInference shares per process: a loaded model and one ``embed`` call.
+
+    ``embed`` takes and returns numpy arrays, so the object also works as a Beam
+    multi-process-shared proxy (``--share-model``)."""
+
+    def __init__(self, config: ModelConfig):
+        import torch
+
+        self.loaded = load_clip(config)
+        self.device = self.loaded.device
+        self.precision = self.loaded.precision
+        self.plan = pixel_plan(self.loaded.preprocess)
+        if self.plan.mean is not None:
+            self._mean = torch.tensor(self.plan.mean, device=self.device).view(1, 3, 1, 1)
+            self._std = torch.tensor(self.plan.std, device=self.device).view(1, 3, 1, 1)
+
+    def to_model_input(self, images: np.ndarray):
+        import torch
+
+        x = torch.from_numpy(images)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0).sub_(self._mean).div_(self._std)
+        return x
+
+    def embed(self, images: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[N,3,S,S]`` uint8/float32 pixels, ``[N,ctx]`` int64 tokens -> two L2-normalised float32 ``[N,D]``."""
+        import torch
+
+        model = self.loaded.model
+        with torch.inference_mode():
+            x = self.to_model_input(images)
+            t = torch.from_numpy(tokens).to(self.device, non_blocking=True)
+            with autocast_context(self.device.type, self.precision):
+                img = model.encode_image(x)
+                txt = model.encode_text(t)
+            img = torch.nn.functional.normalize(img.float(), dim=-1)
+            txt = torch.nn.functional.normalize(txt.float(), dim=-1)
+            return img.cpu().numpy(), txt.cpu().numpy()
+
+
+Example = tuple[np.ndarray, np.ndarray]  # (pixels [3,S,S], tokens [ctx])
+
+
+class ClipModelHandler(ModelHandler[Example, tuple[np.ndarray, np.ndarray, float], ClipEmbedder]):
+    """open_clip image + text towers for ``RunInference``: example = (pixels, tokens);
+    inference = (image_embedding, text_embedding, clip_score)."""
+
+    def __init__(self, config: ModelConfig, *, min_batch_size: int | None = None):
+        bs = config.batch_size
+        super().__init__(min_batch_size=min(min_batch_size or bs, bs), max_batch_size=bs,
+                         large_model=config.share_model)
+        self._config = config
+
+    def load_model(self) -> ClipEmbedder:
+        t0 = time.monotonic()
+        embedder = ClipEmbedder(self._config)
+        log.info("embed: loaded %s on %s (%s) in %.1f s", embedder.loaded.model_id, embedder.device,
+                 embedder.precision, time.monotonic() - t0)
+        return embedder
+
+    def run_inference(self, batch: Sequence[Example], model: ClipEmbedder,
+                      inference_args: Optional[dict[str, Any]] = None) -> Iterable[PredictionResult]:
+        t0 = time.monotonic()
+        images = np.stack([e[0] for e in batch])
+        tokens = np.stack([e[1] for e in batch]).astype(np.int64, copy=False)
+        img, txt = model.embed(images, tokens)
+        scores = np.einsum("nd,nd->n", img, txt)
+        msecs = (time.monotonic() - t0) * 1000.0
+        beam.metrics.Metrics.distribution(METRICS, "embed_batch_msecs").update(int(msecs))
+        beam.metrics.Metrics.counter(METRICS, "embedded_rows").inc(len(batch))
+        per_row = int(round(msecs / max(len(batch), 1)))
+        dist = beam.metrics.Metrics.distribution(METRICS, "embed_msecs")
+        for _ in batch:
+            dist.update(per_row)
+        return [PredictionResult(None, (img[i], txt[i], float(scores[i]))) for i in range(len(batch))]
+
+    def get_num_bytes(self, batch: Sequence[Example]) -> int:
+        return sum(e[0].nbytes + e[1].nbytes for e in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "BeamML_OpenCLIP"
+
+
+def has_reusable_embeddings(row: dict[str, Any], key: str) -> bool:
+    return (row.get("embed_model") == key and row.get("image_embedding") is not None
+            and row.get("text_embedding") is not None and row.get("clip_score") is not None)
+
+
+class _Prepare(beam.DoFn):
+    """CPU side: decode + the model's PIL transform + tokenize; reused rows and failures split off."""
+
+    REUSED = "reused"
+
+    def __init__(self, config: ModelConfig, key: str):
+        self._config = config
+        self._key = key
+
+    def setup(self):
+        self._plan = self._tokenizer = None
+        self._in = beam.metrics.Metrics.counter(METRICS, "embed_in")
+        self._reused = beam.metrics.Metrics.counter(METRICS, "embed_reused")
+        self._errors = beam.metrics.Metrics.counter(METRICS, "embed_embed_error")
+        self._msecs = beam.metrics.Metrics.distribution(METRICS, "embed_msecs")
+
+    def process(self, row):
+        self._in.inc()
+        if self._config.reuse_embeddings and has_reusable_embeddings(row, self._key):
+            self._reused.inc()
+            yield beam.pvalue.TaggedOutput(self.REUSED, row)
+            return
+        t0 = time.monotonic()
+        if self._plan is None:  # lazily: a bundle of reused rows never needs it
+            transform, self._tokenizer = load_preprocess(self._config)
+            self._plan = pixel_plan(transform)
+        image = row.get("image")
+        if not image:
+            self._errors.inc()
+            yield beam.pvalue.TaggedOutput(records.REJECTED_TAG,
+                                           records.reject(row, STAGE, "embed_error", "no image bytes"))
+            return
+        try:
+            pixels = prepare_image(bytes(image), self._plan)
+        except Exception as exc:  # noqa: BLE001 - any decode failure is this row's problem
+            self._errors.inc()
+            msg = re.sub(r" (object )?at 0x[0-9a-fA-F]+", "", str(exc))
+            yield beam.pvalue.TaggedOutput(records.REJECTED_TAG, records.reject(
+                row, STAGE, "embed_error", f"image decode failed: {exc.__class__.__name__}: {msg}"))
+            return
+        tokens = self._tokenizer([row.get("caption") or ""])[0].numpy().astype(np.int64, copy=False)
+        self._msecs.update(int((time.monotonic() - t0) * 1000))
+        yield row, (pixels, tokens)
+
+
+class _Attach(beam.DoFn):
+    def __init__(self, key: str):
+        self._key = key
+
+    def setup(self):
+        self._out = beam.metrics.Metrics.counter(METRICS, "embed_out")
+
+    def process(self, keyed):
+        row, result = keyed
+        img, txt, score = result.inference
+        out = dict(row)
+        out["image_embedding"] = np.asarray(img, dtype=np.float32)
+        out["text_embedding"] = np.asarray(txt, dtype=np.float32)
+        out["clip_score"] = float(score)
+        out["embed_model"] = self._key
+        self._out.inc()
+        yield out
+
+
+class _CountReused(beam.DoFn):
+    def setup(self):
+        self._out = beam.metrics.Metrics.counter(METRICS, "embed_out")
+
+    def process(self, row):
+        self._out.inc()
+        yield row
+
+
+class Embed(beam.PTransform):
+    """rows -> (kept, rejected): kept rows gain ``image_embedding``, ``text_embedding`` (float32,
+    L2-normalised), ``clip_score`` (cosine) and ``embed_model``; rows whose image can't be decoded are
+    rejected ``embed/embed_error``. Rows that already carry embeddings with ``embed_model`` equal to
+    this model's key pass through without a forward pass (counter ``embed_reused``)."""
+
+    def __init__(self, config: ModelConfig, resource_hint_accelerator: str | None = None):
+        super().__init__()
+        self._config = config
+        self._accelerator = resource_hint_accelerator or config.accelerator
+        self._key = embed_model_key(config)
+
+    @property
+    def model_key(self) -> str:
+        return self._key
+
+    def handler(self) -> KeyedModelHandler:
+        return KeyedModelHandler(ClipModelHandler(self._config))
+
+    def expand(self, rows):
+        prepared = rows | "Prepare" >> beam.ParDo(_Prepare(self._config, self._key)).with_outputs(
+            records.REJECTED_TAG, _Prepare.REUSED, main="examples")
+        inference = RunInference(self.handler())
+        if self._accelerator:
+            inference = inference.with_resource_hints(accelerator=self._accelerator)
+        embedded = (prepared.examples
+                    | "RunInference" >> inference
+                    | "Attach" >> beam.ParDo(_Attach(self._key)))
+        reused = prepared[_Prepare.REUSED] | "CountReused" >> beam.ParDo(_CountReused())
+        kept = (embedded, reused) | "Kept" >> beam.Flatten()
+        return kept, prepared[records.REJECTED_TAG]
