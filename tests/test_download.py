@@ -384,3 +384,43 @@ def test_multiprocess_direct_runner():
         kept, rejected, _, _ = run_download(rows_for(urls), cfg, beam_args=(
             "--direct_num_workers=2", "--direct_running_mode=multi_processing"))
     assert len(kept) == 8 and sorted(r["reason"] for r in rejected) == ["http_404", "opted_out"]
+
+
+def test_portable_runner(tmp_path):
+    """The portable path (what Flink/Spark use): pickling and setup() must work in an SDK worker."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    service = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
+                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        with WebServer(fault_routes(JPEG)) as srv:
+            urls = [srv.url("/ok.jpg") + f"?{i}" for i in range(4)] + [srv.url("/404")]
+            cfg = DownloadConfig(**FAST, allow_private_addresses=True)
+            kept, rejected, _, _ = run_download(rows_for(urls), cfg, beam_args=(
+                "--runner=PortableRunner", f"--job_endpoint=localhost:{port}", "--environment_type=LOOPBACK"))
+    finally:
+        service.terminate()
+        service.wait(10)
+    assert len(kept) == 4 and [r["reason"] for r in rejected] == ["http_404"]
+
+
+def test_results_stream_out_of_process_when_the_buffer_is_full():
+    with WebServer({"/i.jpg": Route(JPEG, content_type="image/jpeg")}) as srv:
+        urls = [srv.url(f"/i.jpg?{i}") for i in range(40)] + [srv.url("/missing")]
+        cfg = DownloadConfig(**FAST, threads=1, allow_private_addresses=True)   # 16 rows buffered at most
+        kept, rejected, counters, _ = run_download(rows_for(urls), cfg)
+        assert srv.stats().max_active == 1
+    assert len(kept) == 40 and [r["reason"] for r in rejected] == ["http_404"]
+    assert counters["download_in"] == 41 and counters["download_out"] == 40

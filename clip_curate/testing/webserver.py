@@ -45,7 +45,9 @@ Counters (``srv.stats(host=None)`` returns a :class:`Stats` snapshot; ``host`` i
 ``requests`` (path -> count), ``requests_total``, ``bytes_sent`` (body and header bytes accepted by the
 kernel, not merely queued), ``active`` / ``max_active`` (requests being answered now / at most at once),
 ``connections`` / ``max_connections`` (open TCP connections now / at most), ``first_request_at`` /
-``last_request_at`` (``time.time()`` of the first / last request head). ``srv.reset_stats()`` zeroes them.
+``last_request_at`` (``time.time()`` of the first / last request head), ``concurrency_seen`` (histogram:
+requests on this address being answered when a request arrived, itself included -> count; the
+per-host concurrency distribution, e.g. its p99). ``srv.reset_stats()`` zeroes them.
 
 Binding 127.0.0.2, 127.0.0.3, ... works on Linux without setup (the whole 127.0.0.0/8 is loopback).
 """
@@ -116,13 +118,15 @@ class Stats:
     max_connections: int = 0
     first_request_at: float | None = None  # time.time() of the first / last request head received
     last_request_at: float | None = None
+    concurrency_seen: collections.Counter = field(default_factory=collections.Counter)  # active at arrival -> n
 
     @property
     def requests_total(self) -> int:
         return sum(self.requests.values())
 
     def copy(self) -> "Stats":
-        return dataclasses.replace(self, requests=collections.Counter(self.requests))
+        return dataclasses.replace(self, requests=collections.Counter(self.requests),
+                                   concurrency_seen=collections.Counter(self.concurrency_seen))
 
 
 RoutesT = Union[Mapping[str, Route], Callable[[Request], Union[Route, None]]]
@@ -188,6 +192,7 @@ class _Core:
             total = Stats()
             for s in self.stats.values():
                 total.requests.update(s.requests)
+                total.concurrency_seen.update(s.concurrency_seen)
                 total.bytes_sent += s.bytes_sent
                 total.active += s.active
                 total.connections += s.connections
@@ -219,6 +224,8 @@ class _Core:
             if what == "active":
                 st.active += delta
                 st.max_active = max(st.max_active, st.active)
+                if delta > 0:
+                    st.concurrency_seen[st.active] += 1
                 cur = sum(s.active for s in self.stats.values())
                 self._max_active_all = max(self._max_active_all, cur)
             else:
