@@ -56,6 +56,7 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _SLOW_HOST_LOG = 5            # hosts listed by the teardown log
 SLOW_HOST_MSECS = 2000.0      # hosts slower than this on average get a per-host distribution metric
 _MAX_SLOW_HOST_METRICS = 20   # per worker, to keep metric names bounded
+_MAX_HOSTS = 50_000           # per-host state kept per worker (idle hosts are forgotten beyond this)
 
 
 @dataclass(frozen=True)
@@ -490,10 +491,19 @@ class _Engine:
     def _host(self, host: str) -> _Host:
         st = self.hosts.get(host)
         if st is None:
+            if len(self.hosts) >= _MAX_HOSTS:
+                self._evict_idle_hosts()
             rps = self.cfg.per_host_rps
             st = self.hosts[host] = _Host(asyncio.Semaphore(self.cfg.per_host_connections),
                                           1.0 / rps if rps > 0 else 0.0)
         return st
+
+    def _evict_idle_hosts(self) -> None:
+        """Forget the oldest idle tenth of the hosts (their robots.txt, breaker and rate state)."""
+        idle = [h for h, st in self.hosts.items()
+                if not st.sem.locked() and (st.robots is None or st.robots.done())]
+        for h in idle[: max(1, len(self.hosts) // 10)]:
+            del self.hosts[h]
 
     async def _job(self, row: dict) -> _Result:
         t0 = time.monotonic()

@@ -243,6 +243,7 @@ def test_opt_out_closes_before_the_body():
                                                      respect_robots=False, max_bytes=2 * size))
         sent_ignoring = srv.stats().bytes_sent
     assert [r["reason"] for r in rejected] == ["opted_out"] and kept == []
+    print("bytes sent for an opted-out 20 MB body:", sent_respecting)
     assert sent_respecting < size / 20, sent_respecting   # far less than the 20 MB body
     assert len(kept2) == 1 and kept2[0]["nbytes"] == size and sent_ignoring >= size
 
@@ -271,7 +272,7 @@ def test_per_host_concurrency_limit_with_high_total_throughput():
     assert max(per_host) <= 2 and min(per_host) == 2, per_host
     assert total.max_active >= 20, total.max_active          # many hosts in flight at once
     # 12 URLs per host, 2 at a time, 0.1 s each: 0.6 s of serial host time; allow Beam overhead.
-    assert total.last_request_at - total.first_request_at < 3.0
+    assert total.last_request_at - total.first_request_at < 5.0
     assert counters["politeness_deferred"] > 0
     assert counters["dns_cache_hits"] == 240 - 20                # one lookup per name
 
