@@ -261,7 +261,7 @@ class ClipScoreFilter(beam.PTransform):
                       | "Scores" >> beam.FlatMap(lambda r: [float(r["clip_score"])]
                                                  if r.get("clip_score") is not None else [])
                       | "Quantiles" >> beam.transforms.stats.ApproximateQuantiles.Globally(
-                          QUANTILE_RESOLUTION + 1, epsilon=1.0 / QUANTILE_RESOLUTION)
+                          QUANTILE_RESOLUTION + 1)  # rank error <= 1/QUANTILE_RESOLUTION
                       | "Cutoff" >> beam.Map(cutoff_from_quantiles, fraction))
             res = rows | "ClipRules" >> beam.ParDo(_ClipRules(cfg), cutoff=beam.pvalue.AsSingleton(
                 cutoff, default_value=None)).with_outputs(records.REJECTED_TAG, main="kept")
