@@ -419,7 +419,7 @@ class _Result:
     reason: str | None = None
     detail: str = ""
     nbytes: int = 0
-    msecs: float | None = None
+    msecs: float | None = None  # time in requests (all attempts and hops), not in politeness queues
     host: str = ""
 
 
@@ -506,8 +506,7 @@ class _Engine:
             del self.hosts[h]
 
     async def _job(self, row: dict) -> _Result:
-        t0 = time.monotonic()
-        res = _Result(row)
+        res = _Result(row, msecs=0.0)
         try:
             res.row = dict(row)
             body = await self._fetch(row.get("url"), res)
@@ -517,7 +516,6 @@ class _Engine:
             res.reason, res.detail = f.reason, f.detail
         except Exception as exc:  # noqa: BLE001 - unexpected client error: keep the row, say what it was
             res.reason, res.detail = "connection_error", f"{type(exc).__name__}: {exc}"
-        res.msecs = (time.monotonic() - t0) * 1000.0
         return res
 
     async def _fetch(self, url: Any, res: _Result) -> bytes:
@@ -541,7 +539,7 @@ class _Engine:
             await self._check_address(host)
             if cfg.respect_robots_txt:
                 await self._check_robots(url, chk, st)
-            outcome = await self._attempts(url, host, st, budget)
+            outcome = await self._attempts(url, host, st, budget, res)
             if isinstance(outcome, bytes):
                 return outcome
             url = outcome  # redirect target
@@ -575,8 +573,9 @@ class _Engine:
             st.sem.release()
         return release
 
-    async def _attempts(self, url: str, host: str, st: _Host, budget: list) -> bytes | str:
-        """GET with retries; returns the body, or the absolute URL of a redirect."""
+    async def _attempts(self, url: str, host: str, st: _Host, budget: list, res: _Result) -> bytes | str:
+        """GET with retries; returns the body, or the absolute URL of a redirect. Adds the time spent
+        in requests (not in politeness queues) to ``res.msecs``."""
         cfg = self.cfg
         last = _Fail("timeout", "no attempt made")
         for attempt in range(cfg.retries + 1):
@@ -608,6 +607,7 @@ class _Engine:
                     raise _Fail("invalid_url", f"{type(exc).__name__}: {exc}") from None
                 finally:
                     budget[0] -= time.monotonic() - t_req
+                    res.msecs += (time.monotonic() - t_req) * 1000.0
             except _Fail as f:
                 last = f
                 if f.reason not in TRANSIENT_FAILURES:
@@ -793,7 +793,7 @@ class _DownloadFn(beam.DoFn):
         for res in results:
             if res.msecs is not None:
                 self._msecs.update(int(res.msecs))
-                if res.host:
+                if res.host and res.msecs:  # rows that made a request
                     self._host_msecs(res.host, res.msecs)
             if res.reason is None:
                 self._counters["download_out"].inc()

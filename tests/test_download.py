@@ -425,3 +425,17 @@ def test_results_stream_out_of_process_when_the_buffer_is_full():
         assert srv.stats().max_active == 1
     assert len(kept) == 40 and [r["reason"] for r in rejected] == ["http_404"]
     assert counters["download_in"] == 41 and counters["download_out"] == 40
+
+
+def test_slow_hosts_get_a_latency_metric():
+    routes = {"/i.jpg": Route(JPEG, content_type="image/jpeg"),
+              "127.0.0.9/i.jpg": Route(JPEG, content_type="image/jpeg", delay_s=2.2)}
+    with WebServer(routes, hosts=["127.0.0.8", "127.0.0.9"]) as srv:
+        urls = [srv.url(f"/i.jpg?{i}", host=h) for h in srv.hosts for i in range(3)]
+        cfg = DownloadConfig(**{**FAST, "timeout": 4.0, "deadline": 5.0}, allow_private_addresses=True,
+                             respect_robots_txt=False)
+        kept, _, counters, _ = run_download(rows_for(urls), cfg)
+    assert len(kept) == 6
+    slow = {k: v for k, v in counters.items() if k.startswith("download_slow_host_msecs/")}
+    assert list(slow) == ["download_slow_host_msecs/127.0.0.9"] and slow[list(slow)[0]].min >= 2000
+    assert counters["download_msecs"].max >= 2000 and counters["download_msecs"].min < 1000
