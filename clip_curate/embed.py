@@ -170,7 +170,8 @@ class _Prepare(beam.DoFn):
         self._key = key
 
     def setup(self):
-        self._plan = self._tokenizer = None
+        transform, self._tokenizer = load_preprocess(self._config)  # no weights: cheap
+        self._plan = pixel_plan(transform)
         self._in = beam.metrics.Metrics.counter(METRICS, "embed_in")
         self._reused = beam.metrics.Metrics.counter(METRICS, "embed_reused")
         self._errors = beam.metrics.Metrics.counter(METRICS, "embed_embed_error")
@@ -183,9 +184,6 @@ class _Prepare(beam.DoFn):
             yield beam.pvalue.TaggedOutput(self.REUSED, row)
             return
         t0 = time.monotonic()
-        if self._plan is None:  # lazily: a bundle of reused rows never needs it
-            transform, self._tokenizer = load_preprocess(self._config)
-            self._plan = pixel_plan(transform)
         image = row.get("image")
         if not image:
             self._errors.inc()
