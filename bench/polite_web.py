@@ -108,10 +108,12 @@ def main(argv=None) -> int:
         runs = []
         if not args.skip_img2dataset:
             runs.append(("img2dataset 1.47", "no per-host limits", lambda o: run_img2dataset(url_file, o, args)))
-        runs.append(("clip-curate", "defaults: 4 conn/host, 10 req/s/host, robots.txt",
+        runs.append(("clip-curate", "defaults: 4 conn/host/worker, 10 req/s/host/worker",
                      lambda o: run_clip_curate(url_file, o, args, [])))
-        runs.append(("clip-curate", "4 conn/host, no req/s limit, robots.txt",
-                     lambda o: run_clip_curate(url_file, o, args, ["--per-host-rps", "0"])))
+        per_worker = max(1, 4 // args.workers)
+        runs.append(("clip-curate", f"{per_worker} conn/host/worker (<= 4 per host in all), no req/s limit",
+                     lambda o: run_clip_curate(url_file, o, args, ["--per-host-connections", str(per_worker),
+                                                                  "--per-host-rps", "0"])))
         for i, (tool, setting, fn) in enumerate(runs):
             srv.reset_stats()
             ok, wall = fn(os.path.join(tmp, f"out{i}"))

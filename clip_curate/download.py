@@ -774,7 +774,9 @@ class _DownloadFn(beam.DoFn):
         self._host_dists: dict[str, Any] = {}
         self._engine = _Engine(self._cfg)
         self._reported = {"dns_cache_hits": 0, "dns_failures": 0, "politeness_deferred": 0}
-        self._max_inflight = max(self._cfg.threads * 4, 16)
+        # Rows queued beyond the request slots: waiting rows hold no body, so a deep queue is cheap and
+        # lets rows of other hosts overtake a busy host's backlog (no head-of-line blocking).
+        self._max_inflight = max(self._cfg.threads * 16, 64)
 
     def process(self, row):
         self._counters["download_in"].inc()

@@ -419,12 +419,12 @@ def test_portable_runner(tmp_path):
 
 def test_results_stream_out_of_process_when_the_buffer_is_full():
     with WebServer({"/i.jpg": Route(JPEG, content_type="image/jpeg")}) as srv:
-        urls = [srv.url(f"/i.jpg?{i}") for i in range(40)] + [srv.url("/missing")]
-        cfg = DownloadConfig(**FAST, threads=1, allow_private_addresses=True)   # 16 rows buffered at most
+        urls = [srv.url(f"/i.jpg?{i}") for i in range(100)] + [srv.url("/missing")]
+        cfg = DownloadConfig(**FAST, threads=1, allow_private_addresses=True)   # 64 rows queued at most
         kept, rejected, counters, _ = run_download(rows_for(urls), cfg)
         assert srv.stats().max_active == 1
-    assert len(kept) == 40 and [r["reason"] for r in rejected] == ["http_404"]
-    assert counters["download_in"] == 41 and counters["download_out"] == 40
+    assert len(kept) == 100 and [r["reason"] for r in rejected] == ["http_404"]
+    assert counters["download_in"] == 101 and counters["download_out"] == 100
 
 
 def test_slow_hosts_get_a_latency_metric():
