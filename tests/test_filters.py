@@ -175,3 +175,54 @@ def test_both_filters_and_empty_input():
     assert abs(len(kept) / 1000 - 0.5) <= 0.02  # the fraction is over all scored rows reaching the stage
     kept, rejected, _ = _run([], ClipScoreFilter(ClipFilterConfig(clip_top_fraction=0.1)))
     assert kept == [] and rejected == []
+
+
+def _sweep(scores: np.ndarray, bad: np.ndarray) -> str:
+    """Precision/recall of 'score < t' for a few thresholds (shown when the world test fails)."""
+    lines = []
+    for t in np.round(np.arange(-0.1, 0.6, 0.02), 2):
+        drop = scores < t
+        tp = int((drop & bad).sum())
+        lines.append(f"t={t:+.2f} precision={tp / max(drop.sum(), 1):.3f} recall={tp / max(bad.sum(), 1):.3f}")
+    return "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_synthetic_tiny_filters_mismatches_in_a_fresh_world():
+    """Embed + ClipScoreFilter at the recommended threshold on a world seed never used in training:
+    random and hard (one attribute changed) caption mismatches are dropped with precision and recall
+    >= 0.9."""
+    from clip_curate import clip_model as cm
+    from clip_curate.embed import Embed
+
+    if not (cm.synthetic_tiny_dir() / cm.CONFIG_FILE).is_file():
+        pytest.skip("synthetic-tiny is not bundled in this checkout")
+    from clip_curate import world
+
+    w = world.generate_world(400, seed=31337, mismatch_random=0.2, mismatch_hard=0.2, dup_exact=0, dup_near=0,
+                             unsafe=0, eval_leak=0)
+    rows = [{"uid": it.uid, "caption": it.caption, "image": it.image_bytes, "truth_kind": it.kind}
+            for it in w.items if it.image_bytes]
+    threshold = cm.recommended_threshold("synthetic-tiny")
+
+    class EmbedThenFilter(beam.PTransform):
+        def expand(self, pcoll):
+            kept, rej_embed = pcoll | Embed(cm.ModelConfig(clip_model="synthetic-tiny", device="cpu"))
+            kept, rej_clip = kept | ClipScoreFilter(ClipFilterConfig(min_clip_score=threshold))
+            return kept, (rej_embed, rej_clip) | beam.Flatten()
+
+    kept, rejected, _ = _run(rows, EmbedThenFilter())
+    assert len(kept) + len(rejected) == len(rows)
+    assert {r["reason"] for r in rejected} <= {"low_clip_score"}
+    bad_kinds = ("mismatch_random", "mismatch_hard")
+    scores = np.array([r["clip_score"] for r in kept + rejected])
+    bad = np.array([r["truth_kind"].split(":")[0] in bad_kinds for r in kept + rejected])
+    report = _sweep(scores, bad)
+    tp = sum(r["truth_kind"].split(":")[0] in bad_kinds for r in rejected)
+    precision = tp / max(len(rejected), 1)
+    recall = tp / bad.sum()
+    for kind in bad_kinds:  # each kind of mismatch on its own
+        k_total = sum(r["truth_kind"].split(":")[0] == kind for r in kept + rejected)
+        k_drop = sum(r["truth_kind"].split(":")[0] == kind for r in rejected)
+        assert k_drop / k_total >= 0.85, f"{kind}: recall {k_drop / k_total:.3f}\n{report}"
+    assert precision >= 0.9 and recall >= 0.9, f"threshold {threshold}: P={precision:.3f} R={recall:.3f}\n{report}"
