@@ -94,9 +94,11 @@ def test_caption_config_errors():
                         (dict(languages=("en", "xx")), "--languages: unknown ISO 639-1 code"),
                         (dict(languages=("en",), detect_language=False), "--languages needs language detection"),
                         (dict(language_candidates=("en",)), "at least two"),
-                        (dict(languages=("de",), language_candidates=("en", "fr")), "must include every --languages")]:
+                        ]:
         with pytest.raises(ConfigError, match=msg):
             CaptionConfig(**kwargs)
+    assert CaptionConfig(languages=("de",), language_candidates=("en", "fr")).language_candidates == ("en", "fr", "de")
+    assert CaptionConfig(language_candidates=("all",)).language_candidates == ()
 
 
 def test_caption_filter_pipeline():
