@@ -36,11 +36,11 @@ import torch.nn.functional as F
 
 from clip_curate import world as W
 
-#: Architecture of ``synthetic-tiny``: 4-layer ViT on 64 px (8 px patches), 4-layer text transformer
+#: Architecture of ``synthetic-tiny``: 4-layer ViT on 64 px (16 px patches), 4-layer text transformer
 #: over open_clip's BPE vocabulary (``get_tokenizer("ViT-B-32")``) with a 32-token context.
 TINY_MODEL_CFG: dict[str, Any] = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32,
+    "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 128, "layers": 4, "head_width": 32,
                    "mlp_ratio": 2.0},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 4},
 }
@@ -328,10 +328,10 @@ def evaluate_clip(model, pairs: Sequence[W.ScenePair] | None = None, *, n: int =
                             "hard": float(s_hard.mean())},
     }
     if zero_shot_attributes:
+        labelled = W.heldout_set(zero_shot_n, seed + 1, image_px=image_px)
         result["zero_shot_accuracy"] = {
-            a: zero_shot_accuracy(model, W.heldout_set(zero_shot_n, seed + 1, attribute=a, image_px=image_px),
-                                  tokenizer=tokenizer, model_cfg=model_cfg, preprocess_cfg=preprocess_cfg,
-                                  device=device)
+            a: zero_shot_accuracy(model, labelled.with_attribute(a), tokenizer=tokenizer, model_cfg=model_cfg,
+                                  preprocess_cfg=preprocess_cfg, device=device)
             for a in zero_shot_attributes}
     return result
 
@@ -397,6 +397,12 @@ def build_arg_parser(prog: str = "python -m clip_curate.train") -> argparse.Argu
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes rendering scenes (default: min(2, CPUs))")
+    p.add_argument("--hard-weights", default=None,
+                   help="how often each attribute is the one changed in the hard-negative caption, e.g. "
+                        "colour=0.1,shape=0.3,position=0.35,count=0.25 (default: uniform)")
+    p.add_argument("--init-from", default=None,
+                   help="continue training from this local-dir checkpoint (its model_cfg is used)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: min(200, steps/10))")
     p.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false",
                    help="train without one-attribute-changed captions as in-batch negatives")
     p.add_argument("--eval-scenes", type=int, default=1000, help="held-out scenes for the figures (default: 1000)")
@@ -438,9 +444,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError, TypeError, KeyError) as exc:
             print(f"error: --model-config {args.model_config}: {exc}", file=sys.stderr)
             return 2
+    hard_weights = None
+    if args.hard_weights:
+        try:
+            hard_weights = {k.strip(): float(v) for k, v in (kv.split("=") for kv in args.hard_weights.split(","))}
+            if not set(hard_weights) <= set(W.HARD_ATTRIBUTES) or sum(hard_weights.values()) <= 0:
+                raise ValueError
+        except ValueError:
+            print(f"error: --hard-weights: expected e.g. colour=0.1,shape=0.3,position=0.35,count=0.25 "
+                  f"(attributes {', '.join(W.HARD_ATTRIBUTES)})", file=sys.stderr)
+            return 2
+    init_model = None
+    if args.init_from:
+        try:
+            init_model, _, _ = load_model_dir(args.init_from)
+            model_cfg = json.loads((Path(args.init_from) / CONFIG_FILE).read_text("utf-8"))["model_cfg"]
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            print(f"error: --init-from {args.init_from}: {exc}", file=sys.stderr)
+            return 2
     t_start = time.time()
     log(f"rendering {args.scenes} training scenes (seed {args.seed}, {args.workers} workers)")
-    pairs = W.scene_pairs(args.scenes, args.seed, workers=args.workers)
+    pairs = W.scene_pairs(args.scenes, args.seed, workers=args.workers, hard_weights=hard_weights)
     pixels = images_to_uint8([p.image_bytes for p in pairs])
     t_data = time.time() - t_start
     log(f"data ready in {t_data:.0f}s; training {args.steps} steps x {args.batch_size}")
@@ -448,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = train_clip(pixels, [p.captions for p in pairs], model_cfg=model_cfg, steps=args.steps, batch_size=args.batch_size,
                        lr=args.lr, seed=args.seed, device=args.device,
                        hard_negatives=[(p.hard_caption,) for p in pairs] if args.hard_negatives else None,
-                       log=log)
+                       warmup_steps=args.warmup_steps, model=init_model, log=log)
     t_train = time.time() - t0
     log("evaluating on held-out scenes")
     metrics = evaluate_clip(model, n=args.eval_scenes, seed=args.eval_seed, device=args.device, model_cfg=model_cfg,

@@ -157,9 +157,13 @@ def describe(attrs: dict[str, Any], rng: np.random.Generator, *, short: bool = F
     return text
 
 
-def change_one_attribute(attrs: dict[str, Any], rng: np.random.Generator,
-                         attribute: str | None = None) -> tuple[dict[str, Any], str]:
-    """Copy of ``attrs`` with exactly one of :data:`HARD_ATTRIBUTES` changed to another valid value."""
+def change_one_attribute(attrs: dict[str, Any], rng: np.random.Generator, attribute: str | None = None,
+                         weights: dict[str, float] | None = None) -> tuple[dict[str, Any], str]:
+    """Copy of ``attrs`` with exactly one of :data:`HARD_ATTRIBUTES` changed to another valid value
+    (``attribute`` given, or drawn uniformly / by ``weights``)."""
+    if attribute is None and weights:
+        p = np.array([weights.get(a, 0.0) for a in HARD_ATTRIBUTES], dtype=np.float64)
+        attribute = HARD_ATTRIBUTES[int(rng.choice(len(HARD_ATTRIBUTES), p=p / p.sum()))]
     attribute = attribute or _choice(rng, HARD_ATTRIBUTES)
     new = dict(attrs)
     if attribute == "colour":
@@ -390,6 +394,12 @@ class LabelledSet:
 
     def prompts(self, classname: str) -> list[str]:
         return zero_shot_prompts(self.attribute, classname)
+
+    def with_attribute(self, attribute: str) -> "LabelledSet":
+        """The same images labelled by another attribute."""
+        classes = attribute_classes(attribute)
+        labels = tuple(classes.index(str(it.truth[attribute])) for it in self.items)
+        return LabelledSet(attribute, classes, self.images, labels, self.items)
 
 
 def zero_shot_prompts(attribute: str, value: Any) -> list[str]:
@@ -690,8 +700,10 @@ class ScenePair:
 
 
 def scene_pair(seed: int, index: int, *, image_px: int = 128, n_captions: int = 4,
-               unsafe_fraction: float = 0.03, short_fraction: float = 0.25) -> ScenePair:
-    """The ``index``-th scene of stream ``seed`` with ``n_captions`` matched captions and mismatches."""
+               unsafe_fraction: float = 0.03, short_fraction: float = 0.25,
+               hard_weights: dict[str, float] | None = None) -> ScenePair:
+    """The ``index``-th scene of stream ``seed`` with ``n_captions`` matched captions and mismatches
+    (the hard mismatch changes an attribute drawn uniformly, or by ``hard_weights``)."""
     rng = np.random.default_rng([seed, 8, index])
     unsafe = bool(rng.random() < unsafe_fraction)
     fmt = "PNG" if rng.random() < 0.1 else "JPEG"
@@ -703,7 +715,7 @@ def scene_pair(seed: int, index: int, *, image_px: int = 128, n_captions: int = 
     other = sample_attributes(rng)
     while all(other[a] == attrs[a] for a in HARD_ATTRIBUTES):
         other = sample_attributes(rng)
-    hard, changed = change_one_attribute(attrs, rng)
+    hard, changed = change_one_attribute(attrs, rng, weights=hard_weights)
     return ScenePair(data, tuple(caps), describe(other, rng), describe(hard, rng), changed, attrs, unsafe)
 
 

@@ -265,3 +265,10 @@ def test_serve_world_answers_images_and_broken_urls(world):
             assert resp.headers["Content-Type"] == "text/html"
         with opener.open(srv.url("/robots.txt"), timeout=10) as resp:
             assert b"Allow" in resp.read()
+
+
+def test_labelled_set_relabels_the_same_images():
+    a = W.heldout_set(20, seed=8, attribute="shape")
+    b = a.with_attribute("position")
+    assert b.images == a.images and b.classnames == W.POSITIONS
+    assert b.labels == W.heldout_set(20, seed=8, attribute="position").labels
