@@ -112,6 +112,10 @@ def _stage_transform(name: str, cfg: Any, ctx: dict[str, Any]):
         return Embed(cfg)
     if name == "safety":
         return getattr(mod, transform_cls)(cfg, model_config=ctx.get("embed"))
+    if name == "dedup":
+        return getattr(mod, transform_cls)(cfg, estimated_rows=ctx.get("_estimated_rows", 100_000)) if cfg.active else None
+    if name == "clip" and not cfg.active:
+        return None
     return getattr(mod, transform_cls)(cfg)
 
 
@@ -139,7 +143,7 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
             continue
         if name == "embed" and getattr(stage_cfg, "clip_model", "none") in ("none", ""):
             continue
-        transform = _stage_transform(name, stage_cfg, cfg.stages)
+        transform = _stage_transform(name, stage_cfg, {**cfg.stages, "_estimated_rows": plan.estimated_rows})
         if transform is None:
             continue
         rows, stage_rejected = rows | name.capitalize() >> transform
