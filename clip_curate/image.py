@@ -70,7 +70,11 @@ def probe(raw: bytes) -> tuple[str, int, int, int]:
     """(format, width, height, EXIF orientation) from the header only; raises on unreadable bytes."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        img = Image.open(io.BytesIO(raw))  # lazy: reads the header, decodes no pixels
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own guard reports the size
+        try:
+            img = Image.open(io.BytesIO(raw))  # lazy: reads the header, decodes no pixels
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
         orientation = 1
         try:
             orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
