@@ -20,23 +20,6 @@ from clip_curate.options import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Which stage/reason is the right answer for each kind of world item.
-EXPECTED = {
-    "mismatch_random": {("clip", "low_clip_score"), ("clip", "below_top_fraction")},
-    "mismatch_hard": {("clip", "low_clip_score"), ("clip", "below_top_fraction")},
-    "dup_exact": {("dedup", "duplicate_exact")},
-    "dup_near": {("dedup", "duplicate_near"), ("dedup", "duplicate_semantic"), ("dedup", "duplicate_exact")},
-    "eval_leak": {("dedup", "eval_leak")},
-    "unsafe": {("safety", "nsfw_image"), ("safety", "nsfw_concept"), ("safety", "unsafe_caption"),
-               ("caption", "unsafe_caption")},
-    "broken_404": {("download", "http_404")},
-    "broken_not_image": {("download", "not_image")},
-}
-FILTERS = {"CLIP filter": ("clip", ("mismatch_random", "mismatch_hard")),
-           "dedup": ("dedup", ("dup_exact", "dup_near", "eval_leak")),
-           "safety": ("safety", ("unsafe",))}
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clip-curate demo", description=__doc__.splitlines()[0])
     p.add_argument("--output", default=None, help="output directory (default: a new temporary directory)")
@@ -53,15 +36,41 @@ def kind_family(kind: str | None) -> str:
 
 
 def score_against_truth(out_dir: str) -> dict:
-    """Precision/recall per filter, from the truth_kind column carried through the outputs."""
-    cur = pq.read_table(os.path.join(out_dir, "curated"), columns=["truth_kind"]).column("truth_kind").to_pylist()
-    rej = pq.read_table(os.path.join(out_dir, "rejected"), columns=["truth_kind", "stage", "reason"]).to_pylist()
+    """Precision/recall of each filter against the world's truth columns, carried through the outputs.
+
+    CLIP filter: a drop is right when the caption was mismatched. Dedup: a drop is right when the dropped
+    row and the row it names as kept are copies of the same scene (or, for ``eval_leak``, when the row is
+    a leak). Safety: a drop is right when the image or caption is unsafe.
+    """
+    cols = ["uid", "truth_uid", "truth_family", "truth_of", "truth_unsafe", "truth_unsafe_caption"]
+    cur = pq.read_table(os.path.join(out_dir, "curated"), columns=cols).to_pylist()
+    rej = pq.read_table(os.path.join(out_dir, "rejected"), columns=cols + ["stage", "reason", "detail"]).to_pylist()
+    scene = {r["uid"]: (r["truth_of"] or r["truth_uid"]) for r in cur + rej}  # pipeline uid -> scene
+
+    def is_unsafe(r):
+        return r["truth_unsafe"] or r["truth_unsafe_caption"]
+
+    def is_dup(r):
+        return r["truth_family"] in ("dup_exact", "dup_near", "eval_leak")
+
+    def dedup_right(r):
+        if r["reason"] == "eval_leak":
+            return r["truth_family"] == "eval_leak"
+        kept = (r["detail"] or "").rsplit(" ", 1)[-1]
+        return scene.get(kept) == scene.get(r["uid"])
+
+    checks = {
+        "CLIP filter": (lambda r: r["stage"] == "clip", lambda r: r["truth_family"].startswith("mismatch"),
+                        lambda r: r["truth_family"].startswith("mismatch")),
+        "dedup": (lambda r: r["stage"] == "dedup", dedup_right, is_dup),
+        "safety": (lambda r: r["stage"] == "safety" or r["reason"] == "unsafe_caption", lambda r: is_unsafe(r),
+                   is_unsafe),
+    }
     report = {}
-    for name, (stage, kinds) in FILTERS.items():
-        dropped = [kind_family(r["truth_kind"]) for r in rej if r["stage"] == stage]
-        tp = sum(k in kinds for k in dropped)
-        # Items of these kinds that reached the stage: kept ones plus ones this stage dropped.
-        missed = sum(kind_family(k) in kinds for k in cur)
+    for name, (dropped_by, right, positive) in checks.items():
+        dropped = [r for r in rej if dropped_by(r)]
+        tp = sum(1 for r in dropped if right(r))
+        missed = sum(1 for r in cur if positive(r))
         report[name] = {"dropped": len(dropped), "true_positives": tp,
                         "precision": tp / len(dropped) if dropped else 1.0,
                         "recall": tp / (tp + missed) if tp + missed else 1.0}
@@ -85,13 +94,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     threshold = args.min_clip_score if args.min_clip_score is not None else recommended_threshold("synthetic-tiny")
     with world_mod.serve_world(w) as server:
         urls = os.path.join(out_root, "urls.parquet")
-        pq.write_table(w.to_url_table(server.base_url, include_uid=False), urls)
+        pq.write_table(w.to_url_table(server.base_url, include_uid=False), urls)  # uid = hash(url, caption)
         out = os.path.join(out_root, "out")
         print(f"synthetic web: {len(w)} URLs at {server.base_url}  kinds: {json.dumps(w.kinds())}")
         argv = ["--input", urls, "--output", out, "--allow-private-addresses",
                 "--clip-model", "synthetic-tiny", "--min-clip-score", str(threshold),
-                "--dedup", "exact,near,semantic", "--decontaminate", eval_dir,
-                "--nsfw-policy", "drop", "--audit", "--progress-seconds", "5"]
+                "--dedup", "exact,near,semantic", "--semantic-threshold", "0.99", "--decontaminate", eval_dir,
+                "--nsfw-policy", "drop", "--audit", "--progress-seconds", "5",
+                "--language-candidates", "en,de,fr,es", "--no-nsfw-concept"]
+        for prompt in world_mod.UNSAFE_CONCEPT_PROMPTS:  # the world's own unsafe concept (see world.py)
+            argv += ["--unsafe-concept", prompt]
+        for prompt in world_mod.NEUTRAL_CONCEPT_PROMPTS:
+            argv += ["--neutral-concept", prompt]
         if args.workers > 1:
             argv += [f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
         stats = run(argv)
