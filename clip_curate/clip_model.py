@@ -466,6 +466,14 @@ def _transform(model, fallback_cfg: dict[str, Any] | None = None):
     return _transform_from_cfg(dict(open_clip.get_model_preprocess_cfg(model) or fallback_cfg or {}))
 
 
+class _QuietNoWeights(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+_QUIET_NO_WEIGHTS = _QuietNoWeights()
+
+
 def load_clip(cfg: ModelConfig, device: str | None = None) -> LoadedClip:
     """Build the model (eval mode, on its device) with its preprocessing and tokenizer.
 
@@ -487,7 +495,8 @@ def load_clip(cfg: ModelConfig, device: str | None = None) -> LoadedClip:
                                             context_length=TEST_TINY_MODEL_CFG["text_cfg"]["context_length"])
     elif spec.kind in ("synthetic", "dir"):
         local = f"local-dir:{spec.name}"
-        try:
+        try:  # weights are loaded just below, safely; open_clip's "initialized randomly" warning is moot
+            logging.getLogger().addFilter(_QUIET_NO_WEIGHTS)
             model = _seeded(lambda: open_clip.create_model(local, load_weights=False))
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"--clip-model {spec.name}: bad {CONFIG_FILE}: {exc}") from None
