@@ -63,7 +63,7 @@ LABEL_ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "count", "position", "si
 UNSAFE_CAPTION_TERMS: tuple[str, ...] = ("gore", "gory", "blood", "bloody")
 #: Zero-shot prompts for the unsafe concept and neutral counterparts (for CLIP concept checks).
 UNSAFE_CONCEPT_PROMPTS: tuple[str, ...] = (
-    "splattered with blood and gore", "a scene covered in gory blood splatter", "bloody gore")
+    "splattered with blood and gore", "with blood and gore splattered over it", "bloody gore", "blood splatter")
 NEUTRAL_CONCEPT_PROMPTS: tuple[str, ...] = (
     "shapes on a plain background", "a clean picture of shapes", "a tidy scene of shapes")
 _UNSAFE_PHRASES = (

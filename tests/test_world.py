@@ -272,3 +272,10 @@ def test_labelled_set_relabels_the_same_images():
     b = a.with_attribute("position")
     assert b.images == a.images and b.classnames == W.POSITIONS
     assert b.labels == W.heldout_set(20, seed=8, attribute="position").labels
+
+
+def test_hard_weights_steer_the_changed_attribute():
+    pairs = W.scene_pairs(200, seed=4, hard_weights={"position": 1.0})
+    assert {p.hard_attribute for p in pairs} == {"position"}
+    uniform = W.scene_pairs(200, seed=4)
+    assert len({p.hard_attribute for p in uniform}) == 4
