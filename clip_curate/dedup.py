@@ -316,7 +316,8 @@ def _semantic_model(sample: list, cfg: DedupConfig, estimated_rows: int, seed: i
     """(centroids, hyperplanes, split bits per cluster) fitted on the sample."""
     if not sample:
         return np.zeros((1, 1), np.float32), np.zeros((1, 0, 1), np.float32), np.zeros(1, np.int64)
-    k = cfg.semantic_clusters or max(1, round(estimated_rows / 1000))
+    # auto k: ~1000 rows per cluster, but at least 40 sample points per centroid (faiss' own minimum)
+    k = cfg.semantic_clusters or max(1, min(round(estimated_rows / 1000), len(sample) // 40))
     centroids = fit_centroids(sample, k, seed)
     x = np.stack(sample).astype(np.float32)
     assign = np.argmax(x @ centroids.T, axis=1)
