@@ -43,6 +43,26 @@ def stage_msecs(result) -> dict[str, float]:
     return out
 
 
+def slowest_hosts(result, top: int = 10) -> list[str]:
+    """Hosts the downloader found slow (``download_slow_host_msecs/<host>``), slowest mean first."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        res = result.metrics().query(MetricsFilter().with_namespace(records.METRICS_NAMESPACE))
+    except Exception:
+        return []
+    means: dict[str, tuple[float, int]] = {}
+    for d in res.get("distributions", []):
+        name = d.key.metric.name
+        value = d.committed if d.committed is not None else d.attempted
+        if name.startswith("download_slow_host_msecs/") and value is not None and value.count:
+            host = name.split("/", 1)[1]
+            total, count = means.get(host, (0.0, 0))
+            means[host] = (total + value.sum, count + value.count)
+    ranked = sorted(means.items(), key=lambda kv: -kv[1][0] / kv[1][1])
+    return [f"{h} ({t / c / 1000:.1f} s avg, {c} req)" for h, (t, c) in ranked[:top]]
+
+
 def config_dict(cfg) -> dict[str, Any]:
     def plain(obj):
         if dataclasses.is_dataclass(obj):

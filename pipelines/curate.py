@@ -57,6 +57,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     stats = update_stats(cfg.output.output, **stats, timings={"wall_seconds": round(wall, 3),
                                                                **summary.stage_msecs(result)},
                          counters=counters, config=summary.config_dict(cfg),
+                         slowest_hosts=summary.slowest_hosts(result),
                          embedded_rows=counters.get("embedded_rows", 0))
     if stats["input_rows"] != stats["curated_rows"] + stats["rejected_rows"]:
         raise RuntimeError(f"row accounting broken: {stats['input_rows']} in != "
