@@ -4,7 +4,7 @@ Pure core: ``process_image(raw, cfg)`` returns the stored-image fields or a (rea
 Order: header-only open (format, dimensions; the decompression-bomb guard runs here, before any pixel is
 decoded and before the EXIF block is read) -> decode (JPEG: libjpeg-turbo via simplejpeg with DCT scaling
 straight to >= the target size; other formats and JPEGs simplejpeg refuses: Pillow with ``draft``) -> EXIF
-orientation -> RGB -> resize (img2dataset's modes, OpenCV ``INTER_AREA``) -> JPEG encode.
+orientation -> RGB -> resize (img2dataset's modes, OpenCV) -> JPEG encode.
 ``DecodeResize`` is the thin Beam wrapper.
 """
 from __future__ import annotations
@@ -127,15 +127,20 @@ def output_size(width: int, height: int, cfg: ImageConfig) -> tuple[int, int] | 
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _decode_jpeg_fast(raw: bytes, min_w: int, min_h: int) -> np.ndarray | None:
-    """libjpeg-turbo decode with DCT scaling to >= (min_w, min_h); None when simplejpeg declines."""
+def _decode_jpeg_fast(raw: bytes, width: int, height: int, min_w: int, min_h: int) -> np.ndarray | None:
+    """libjpeg-turbo decode of a ``width`` x ``height`` JPEG, DCT-scaled by 1/2, 1/4 or 1/8 while the result
+    stays >= (min_w, min_h); None when simplejpeg declines. (Power-of-two factors only: libjpeg's other n/8
+    factors are slower and measurably blurrier.)"""
     try:
         import simplejpeg
     except ImportError:
         return None
+    factor = next((f for f in (8, 4, 2) if -(-width // f) >= min_w and -(-height // f) >= min_h), 1)
     try:
+        if factor == 1:
+            return simplejpeg.decode_jpeg(raw, colorspace="RGB", fastdct=True, fastupsample=True)
         return simplejpeg.decode_jpeg(raw, colorspace="RGB", fastdct=True, fastupsample=True,
-                                      min_width=min_w, min_height=min_h)
+                                      min_width=-(-width // factor), min_height=-(-height // factor))
     except (ValueError, RuntimeError):
         return None  # CMYK/YCCK, arithmetic coding, recoverable corruption...: Pillow decides
 
@@ -184,8 +189,11 @@ def resize(arr: np.ndarray, cfg: ImageConfig, original: tuple[int, int] | None =
             arr = cv2.resize(arr, (ow, oh), interpolation=cv2.INTER_LANCZOS4)
         return arr
     if target != (w, h):
-        shrink = target[0] * target[1] < w * h
-        arr = cv2.resize(arr, target, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LANCZOS4)
+        ratio = min(w / target[0], h / target[1])
+        # >= 2x: area averaging (no aliasing). Below 2x (the usual case after DCT-scaled decoding): bicubic,
+        # as sharp and ~8x faster than OpenCV's area path at non-integer factors. Upscaling: Lanczos.
+        interp = cv2.INTER_AREA if ratio >= 2 else cv2.INTER_CUBIC if ratio > 1 else cv2.INTER_LANCZOS4
+        arr = cv2.resize(arr, target, interpolation=interp)
     s = cfg.image_size
     h, w = arr.shape[:2]
     if cfg.resize_mode == "center_crop":
@@ -252,7 +260,7 @@ def process_image(raw: bytes | None, cfg: ImageConfig) -> ImageResult:
         tw, th = (target[1], target[0]) if orientation in (5, 6, 7, 8) else target
         min_w, min_h = min(w, tw), min(h, th)
     try:
-        arr = _decode_jpeg_fast(raw, min_w, min_h) if fmt in ("JPEG", "MPO") else None
+        arr = _decode_jpeg_fast(raw, w, h, min_w, min_h) if fmt in ("JPEG", "MPO") else None
         if arr is None:
             arr = _decode_pillow(img, min_w, min_h)
     except Image.DecompressionBombError as exc:

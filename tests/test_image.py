@@ -145,6 +145,15 @@ def test_border_pads_white_and_center_crop_keeps_the_centre():
     assert close_to(f, COFFEE.crop((100, 0, 500, 400)), tol=8)
 
 
+@pytest.mark.parametrize("photo,size", [(ASTRONAUT, 100), (ASTRONAUT, 256), (COFFEE, 128), (CHELSEA, 200)])
+def test_dct_scaled_fast_path_matches_a_full_lanczos_resize(photo, size):
+    data = enc(photo, "JPEG", quality=95)
+    f = process_image(data, ImageConfig(image_size=size, jpeg_quality=95)).fields
+    ref = Image.open(io.BytesIO(data)).convert("RGB").resize((f["width"], f["height"]), Image.Resampling.LANCZOS)
+    mse = float(np.mean((decoded(f) - np.asarray(ref, dtype=np.float32)) ** 2))
+    assert 10 * np.log10(255 ** 2 / mse) > 30  # dB
+
+
 def test_upscale_only_when_asked():
     f = process_image(enc(CHELSEA, "JPEG"), ImageConfig(image_size=600, upscale=True)).fields
     assert (f["width"], f["height"]) == (902, 600) and close_to(f, CHELSEA, tol=8)
