@@ -386,32 +386,43 @@ def semantic_keys(emb: np.ndarray, model: SemanticModel, max_clusters: int = 3,
     goes to both sides, so close pairs straddling a cut still meet.
     """
     emb = np.asarray(emb, dtype=np.float32)
-    if model.empty:
-        return [[] for _ in range(len(emb))]
+    n = len(emb)
+    out: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+    if model.empty or not n:
+        return out
     sims = emb @ model.centroids.T
     k = sims.shape[1]
     top = min(max_clusters, k)
-    cand = np.argpartition(-sims, top - 1, axis=1)[:, :top] if top < k else np.tile(np.arange(k), (len(emb), 1))
-    out = []
-    for i in range(len(emb)):
-        cs = sorted(cand[i].tolist(), key=lambda c: (-sims[i, c], c))
-        best = sims[i, cs[0]]
-        keys = []
-        for c in cs:
-            if c != cs[0] and sims[i, c] < best - model.cluster_margin:
-                continue
-            b = int(model.bits[c])
-            if b == 0:
-                keys.append((int(c), 0))
-                continue
-            off = model.directions[c, :b] @ emb[i] - model.medians[c, :b]
-            base = int(sum(1 << j for j in range(b) if off[j] > 0))
-            subs = {base}
-            for j in np.argsort(np.abs(off))[:max_probe_bits]:
-                if abs(off[j]) < model.split_margin:
-                    subs |= {s ^ (1 << int(j)) for s in subs}
-            keys.extend((int(c), s) for s in sorted(subs))
-        out.append(keys)
+    cand = np.argpartition(-sims, top - 1, axis=1)[:, :top] if top < k else np.tile(np.arange(k), (n, 1))
+    cs = np.take_along_axis(sims, cand, 1)
+    order = np.lexsort((cand, -cs))  # per row: most similar first, ties by cluster id
+    cand, cs = np.take_along_axis(cand, order, 1), np.take_along_axis(cs, order, 1)
+    ok = cs >= cs[:, :1] - model.cluster_margin
+    ok[:, 0] = True
+    rows, cols = np.nonzero(ok)
+    clusters = cand[rows, cols]
+    subs: dict[int, np.ndarray] = {}  # entry index -> sub-bucket codes
+    split = np.nonzero(model.bits[clusters] > 0)[0]
+    for c in np.unique(clusters[split]):
+        entries = split[clusters[split] == c]
+        b = int(model.bits[c])
+        off = emb[rows[entries]] @ model.directions[c, :b].T - model.medians[c, :b]
+        codes = ((off > 0).astype(np.int64) << np.arange(b)).sum(axis=1)
+        variants = [codes]
+        near = np.argsort(np.abs(off), axis=1)[:, :max_probe_bits]
+        for j in range(near.shape[1]):
+            bit = near[:, j]
+            unsure = np.abs(off[np.arange(len(entries)), bit]) < model.split_margin
+            flipped = [np.where(unsure, v ^ (1 << bit), -1) for v in variants]
+            variants += [np.where(v >= 0, f, -1) for v, f in zip(variants, flipped)]
+        stacked = np.stack(variants, axis=1)
+        for e, codes_e in zip(entries.tolist(), stacked.tolist()):
+            subs[e] = sorted({x for x in codes_e if x >= 0})
+    for e, (r, c) in enumerate(zip(rows.tolist(), clusters.tolist())):
+        if e in subs:
+            out[r].extend((c, s) for s in subs[e])
+        else:
+            out[r].append((c, 0))
     return out
 
 

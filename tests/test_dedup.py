@@ -7,6 +7,7 @@ synthetic embeddings with planted near-identical twins.
 import glob
 import io
 import json
+import pickle
 import random
 
 import apache_beam as beam
@@ -91,8 +92,11 @@ def run_dedup(rows, cfg, tmp_path, workers=1, shuffle=False, seed=7):
     out_dir = tmp_path / f"out-{workers}-{int(shuffle)}-{seed}"
     opts = PipelineOptions(direct_num_workers=workers,
                            direct_running_mode="multi_processing" if workers > 1 else "in_memory")
+    src = tmp_path / f"rows-{workers}-{int(shuffle)}-{seed}.pkl"
+    src.write_bytes(pickle.dumps(rows))  # read inside the pipeline: a big Create bloats the job graph
     p = beam.Pipeline(options=opts)
-    kept, rejected = p | beam.Create(rows, reshuffle=False) | Dedup(cfg)
+    kept, rejected = (p | beam.Create([str(src)]) | beam.FlatMap(lambda f: pickle.loads(open(f, "rb").read()))
+                      | beam.Reshuffle() | Dedup(cfg))
     (kept | "K" >> beam.Map(lambda r: json.dumps([r["uid"], "kept", ""]))
      | "WK" >> beam.io.WriteToText(str(out_dir / "kept")))
     (rejected | "R" >> beam.Map(lambda r: json.dumps([r["uid"], r["reason"], r["detail"], r["stage"]]))
