@@ -1,50 +1,127 @@
 """Download + resize throughput: clip-curate vs img2dataset 1.47 on the same local web, in one run.
 
-Serves ``--images`` synthetic JPEG photos of 300–900 px from a server in its own process on 127.0.0.1,
-then runs img2dataset (``--processes_count 2 --thread_count 32 --image_size 256 --resize_mode keep_ratio
---output_format parquet``) and ``clip-curate run --stages download,image`` (same size, mode and worker
-count) against it, and prints images/s, wall time and peak RSS (whole process tree, sampled from /proc
-every 0.2 s) of each, plus the ratio.
+Serves ``--images`` JPEG photos of 300–900 px (crops of scikit-image's real photos, quality 90) from a
+server in its own process on 127.0.0.1 (nginx when installed, else the project's asyncio web server), then
+runs, one after the other:
 
-    python bench/download_vs_img2dataset.py            # 2000 images
-    python bench/download_vs_img2dataset.py --images 500
+- img2dataset: ``--processes_count 2 --thread_count 32 --image_size 256 --resize_mode keep_ratio
+  --output_format parquet`` (``--number_sample_per_shard`` = images / 8, so both processes get shards);
+- ``clip-curate run --stages download,image`` with the same size, mode, threads and worker count
+  (``--direct_num_workers 2 --direct_running_mode multi_processing``), per-host politeness off (one host).
+
+For each: images written, wall time (process start to exit), images/s, and peak memory of the whole process
+tree sampled every 0.25 s from /proc: the sum of RSS (counts pages shared by forked workers once per process)
+and the sum of PSS (shared pages split between their users). Prints a markdown table and the ratios.
+
+    python bench/download_vs_img2dataset.py                 # 2000 images
+    python bench/download_vs_img2dataset.py --images 500 --server python
 """
 from __future__ import annotations
 
 import argparse
 import glob
-import io
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageFilter
 
-from clip_curate.testing.webserver import Route, WebServer
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from image_decode import real_photos  # noqa: E402  (same folder)
+
+NGINX_CONF = """
+daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    types {{ image/jpeg jpg; }}
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+    }}
+}}
+"""
 
 
-def synthetic_photo(rng: np.random.Generator) -> bytes:
-    """A photo-like JPEG (smooth gradients, shapes, noise) of 300–900 px per side."""
-    w, h = int(rng.integers(300, 901)), int(rng.integers(300, 901))
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack([(x / w) * rng.uniform(80, 255), (y / h) * rng.uniform(80, 255),
-                     np.full((h, w), rng.uniform(0, 255))], axis=-1)
-    base += rng.normal(0, 12, base.shape)
-    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=88)
-    return buf.getvalue()
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def _tree_rss(pid: int) -> int:
-    """RSS bytes of a process and all its descendants (from /proc)."""
+class NginxServer:
+    """nginx in the foreground (its own process), serving ``root`` on 127.0.0.1."""
+
+    def __init__(self, root: str, tmp: str):
+        self.root, self.tmp, self.port, self.proc = root, tmp, _free_port(), None
+
+    def __enter__(self):
+        conf = os.path.join(self.tmp, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(NGINX_CONF.format(tmp=self.tmp, root=self.root, port=self.port))
+        self.proc = subprocess.Popen([shutil.which("nginx"), "-c", conf, "-p", self.tmp, "-e",
+                                      os.path.join(self.tmp, "nginx-error.log")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"nginx failed: {self.proc.stderr.read().decode()[-500:]}")
+                time.sleep(0.05)
+        self.__exit__()
+        raise RuntimeError("nginx did not start")
+
+    def __exit__(self, *exc):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # nginx's own session: master + its worker
+            self.proc.wait(10)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+class PythonServer:
+    """The project's asyncio web server in a spawned process (when nginx is not installed)."""
+
+    def __init__(self, bodies: dict[str, bytes]):
+        from clip_curate.testing.webserver import Route, WebServer
+
+        self.server = WebServer({p: Route(b, content_type="image/jpeg") for p, b in bodies.items()}, process=True)
+
+    def __enter__(self):
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.stop()
+
+    def url(self, path: str) -> str:
+        return self.server.url(path)
+
+
+def _tree(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -54,86 +131,176 @@ def _tree_rss(pid: int) -> int:
                 children.setdefault(ppid, []).append(int(entry))
             except (OSError, IndexError, ValueError):
                 pass
-    total, stack = 0, [pid]
+    out, stack = [], [pid]
     while stack:
         p = stack.pop()
+        out.append(p)
+        stack.extend(children.get(p, []))
+    return out
+
+
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(sum of RSS, sum of PSS) in bytes over a process and all its descendants."""
+    rss = pss = 0
+    for p in _tree(pid):
         try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
         except OSError:
             pass
-        stack.extend(children.get(p, []))
-    return total
+    return rss, pss
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes of the process tree)."""
-    peak = 0
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int]:
+    """Run ``cmd``; (wall seconds, peak RSS sum, peak PSS sum) of its process tree."""
+    peak_rss = peak_pss = 0
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     done = threading.Event()
+    err_chunks: list[bytes] = []
+
+    def drain():
+        for chunk in iter(lambda: proc.stderr.read(65536), b""):
+            err_chunks.append(chunk)
 
     def sample():
-        nonlocal peak
+        nonlocal peak_rss, peak_pss
         while not done.is_set():
-            peak = max(peak, _tree_rss(proc.pid))
-            time.sleep(0.2)
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    _, err = proc.communicate()
-    done.set()
-    t.join()
+            rss, pss = tree_memory(proc.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            done.wait(0.25)
+    threads = [threading.Thread(target=drain, daemon=True), threading.Thread(target=sample, daemon=True)]
+    for t in threads:
+        t.start()
+    proc.wait()
     wall = time.monotonic() - t0
+    done.set()
+    for t in threads:
+        t.join()
     if proc.returncode:
-        raise SystemExit(f"{cmd[0]} failed: {err.decode()[-2000:]}")
-    return wall, peak
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}):\n{b''.join(err_chunks).decode()[-3000:]}")
+    return wall, peak_rss, peak_pss
+
+
+def run_img2dataset(url_file: str, out: str, args) -> tuple[int, float, int, int, dict]:
+    exe = shutil.which("img2dataset")
+    cmd = ([exe] if exe else [sys.executable, "-m", "img2dataset"]) + [
+        "--url_list", url_file, "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption",
+        "--output_format", "parquet", "--output_folder", out,
+        "--processes_count", str(args.workers), "--thread_count", str(args.threads),
+        "--number_sample_per_shard", str(max(50, args.images // 8)),
+        "--image_size", str(args.image_size), "--resize_mode", "keep_ratio", "--enable_wandb", "False"]
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    wall, rss, pss = run_measured(cmd, env)
+    ok, errors = 0, {}
+    for path in glob.glob(os.path.join(out, "*_stats.json")):
+        with open(path) as f:
+            stats = json.load(f)
+        ok += stats.get("successes", 0)
+        for status, n in stats.get("status_dict", {}).items():
+            if status != "success":
+                errors[status] = errors.get(status, 0) + n
+    return ok, wall, rss, pss, errors
+
+
+def run_clip_curate(url_file: str, out: str, args) -> tuple[int, float, int, int, dict]:
+    exe = shutil.which("clip-curate")
+    cmd = ([exe] if exe else [sys.executable, "-m", "clip_curate.cli"]) + [
+        "run", "--input", url_file, "--output", out, "--stages", "download,image",
+        "--allow-private-addresses", "--no-respect-robots-txt",
+        "--threads", str(args.threads), "--per-host-connections", str(args.threads), "--per-host-rps", "0",
+        "--image-size", str(args.image_size), "--resize-mode", "keep_ratio", "--no-store-embeddings",
+        "--progress-seconds", "0", "--log-level", "WARNING",
+        f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
+    wall, rss, pss = run_measured(cmd)
+    with open(os.path.join(out, "stats.json")) as f:
+        stats = json.load(f)
+    errors = {f"{stage}/{reason}": n for stage, by in stats.get("rejected_by", {}).items() for reason, n in by.items()}
+    return stats["curated_rows"], wall, rss, pss, errors
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--unique", type=int, default=300, help="distinct photos (the rest repeat them)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=32)
     p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--server", choices=("auto", "nginx", "python"), default="auto")
+    p.add_argument("--only", choices=("both", "img2dataset", "clip-curate"), default="both")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (outputs, server logs)")
+    p.add_argument("--startup-images", type=int, default=16,
+                   help="also run each tool on this many images to measure its fixed start-up cost (0 = skip)")
     args = p.parse_args(argv)
 
-    rng = np.random.default_rng(0)
-    bodies = [synthetic_photo(rng) for _ in range(min(args.images, 200))]
-    routes = {f"/img/{i}.jpg": Route(bodies[i % len(bodies)], content_type="image/jpeg") for i in range(args.images)}
+    photos = real_photos(min(args.images, args.unique))
+    bodies = {f"/img/{i}.jpg": photos[i % len(photos)] for i in range(args.images)}
     tmp = tempfile.mkdtemp(prefix="dl-bench-")
+    os.chmod(tmp, 0o755)  # nginx workers may run as another user (www-data when started by root)
+    use_nginx = args.server == "nginx" or (args.server == "auto" and shutil.which("nginx"))
+    if use_nginx:
+        root = os.path.join(tmp, "www")
+        os.makedirs(os.path.join(root, "img"))
+        for path, body in bodies.items():
+            with open(root + path, "wb") as f:
+                f.write(body)
+        server = NginxServer(root, tmp)
+    else:
+        server = PythonServer(bodies)
     results = []
-    with WebServer(routes, process=True) as srv:
-        url_file = os.path.join(tmp, "urls.parquet")
-        urls = [srv.url(f"/img/{i}.jpg") for i in range(args.images)]
-        pq.write_table(pa.table({"url": urls, "caption": [f"image {i}" for i in range(args.images)]}), url_file)
-        i2d_out = os.path.join(tmp, "i2d")
-        wall, rss = run_measured([
-            "img2dataset", "--url_list", url_file, "--input_format", "parquet", "--url_col", "url",
-            "--caption_col", "caption", "--output_format", "parquet", "--output_folder", i2d_out,
-            "--processes_count", str(args.workers), "--thread_count", str(args.threads),
-            "--image_size", str(args.image_size), "--resize_mode", "keep_ratio", "--enable_wandb", "False"])
-        ok = sum(json.load(open(f)).get("successes", 0) for f in glob.glob(os.path.join(i2d_out, "*_stats.json")))
-        results.append(("img2dataset 1.47", ok, wall, rss))
-        cc_out = os.path.join(tmp, "cc")
-        wall, rss = run_measured([
-            sys.executable, "-m", "clip_curate.cli", "run", "--input", url_file, "--output", cc_out,
-            "--stages", "download,image", "--allow-private-addresses", "--no-respect-robots-txt",
-            "--threads", str(args.threads), "--per-host-connections", str(args.threads), "--per-host-rps", "0",
-            "--image-size", str(args.image_size), "--resize-mode", "keep_ratio", "--no-store-embeddings",
-            "--progress-seconds", "0", "--log-level", "WARNING",
-            f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"])
-        ok = json.load(open(os.path.join(cc_out, "stats.json")))["curated_rows"]
-        results.append(("clip-curate", ok, wall, rss))
+    try:
+        with server:
+            url_file = os.path.join(tmp, "urls.parquet")
+            pq.write_table(pa.table({"url": [server.url(path) for path in bodies],
+                                     "caption": [f"image {i}" for i in range(args.images)]}), url_file)
+            small_file = os.path.join(tmp, "urls-startup.parquet")
+            pq.write_table(pq.read_table(url_file).slice(0, args.startup_images), small_file)
+            tools = [("img2dataset 1.47", run_img2dataset), ("clip-curate", run_clip_curate)]
+            for name, fn in tools:
+                if args.only not in ("both", name.split()[0]):
+                    continue
+                ok, wall, rss, pss, errors = fn(url_file, os.path.join(tmp, f"{name.split()[0]}-out"), args)
+                startup = None
+                if args.startup_images:
+                    ok0, wall0, *_ = fn(small_file, os.path.join(tmp, f"{name.split()[0]}-startup"), args)
+                    startup = (ok0, wall0)
+                results.append((name, ok, wall, rss, pss, startup))
+                if ok < args.images:
+                    print(f"{name}: {args.images - ok} of {args.images} images failed: {errors}", file=sys.stderr)
+    finally:
+        if args.keep:
+            print(f"work folder kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n{args.images} JPEGs (300–900 px) from one local server process -> {args.image_size} px keep_ratio; "
-          f"{args.workers} processes, {args.threads} threads, {os.cpu_count()} CPUs\n")
-    print("| tool | images ok | wall s | images/s | peak RSS MB |")
-    print("|---|---:|---:|---:|---:|")
-    for tool, ok, wall, rss in results:
-        print(f"| {tool} | {ok} | {wall:.1f} | {ok / wall:.0f} | {rss / 2**20:.0f} |")
-    (_, ok_a, wall_a, rss_a), (_, ok_b, wall_b, rss_b) = results
-    print(f"\nclip-curate / img2dataset: {(ok_b / wall_b) / max(ok_a / wall_a, 1e-9):.2f}x images/s, "
-          f"{rss_b / max(rss_a, 1):.2f}x peak RSS")
+    mb = sum(map(len, photos)) / len(photos) / 1e3
+    print(f"\n{args.images} JPEGs (300–900 px, {len(photos)} distinct, mean {mb:.0f} kB) from "
+          f"{'nginx' if use_nginx else 'a Python server'} on 127.0.0.1 -> {args.image_size} px keep_ratio JPEG; "
+          f"{args.workers} processes x {args.threads} threads; {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} at the end\n")
+    print("| tool | images ok | wall s | images/s | start-up s | images/s after start-up "
+          "| peak RSS (sum) MB | peak PSS (sum) MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    rates = []
+    for tool, ok, wall, rss, pss, startup in results:
+        steady = "n/a"
+        start_s = "n/a"
+        if startup:
+            ok0, wall0 = startup
+            start_s = f"{wall0:.1f}"
+            steady_rate = (ok - ok0) / max(wall - wall0, 1e-9) if wall > wall0 else float("nan")
+            steady = f"{steady_rate:.0f}"
+        rates.append((ok / wall, rss, pss))
+        print(f"| {tool} | {ok} | {wall:.1f} | {ok / wall:.0f} | {start_s} | {steady} "
+              f"| {rss / 2**20:.0f} | {pss / 2**20:.0f} |")
+    if len(rates) == 2:
+        (rate_a, rss_a, pss_a), (rate_b, rss_b, pss_b) = rates
+        print(f"\nclip-curate / img2dataset: {rate_b / max(rate_a, 1e-9):.2f}x images/s (wall), "
+              f"{rss_b / max(rss_a, 1):.2f}x peak RSS, {pss_b / max(pss_a, 1):.2f}x peak PSS")
     return 0
 
 
