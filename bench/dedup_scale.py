@@ -33,7 +33,7 @@ import numpy as np
 D = 512
 
 
-def embeddings(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def embeddings(n: int, seed: int = 0, spread: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     k = max(10, n // 500)
     x = np.empty((n, D), np.float32)
@@ -41,7 +41,7 @@ def embeddings(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     centres = rng.standard_normal((k, D)).astype(np.float32)
     for s in range(0, n, 65536):
         e = min(n, s + 65536)
-        x[s:e] = centres[centre_of[s:e]] + 0.9 * rng.standard_normal((e - s, D), dtype=np.float32)
+        x[s:e] = centres[centre_of[s:e]] + spread * rng.standard_normal((e - s, D), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     twins = rng.choice(n, 2 * (n // 40), replace=False).reshape(2, -1)  # (source, twin) pairs
     x[twins[1]] = x[twins[0]] + 0.0108 * rng.standard_normal((twins.shape[1], D), dtype=np.float32)
@@ -89,10 +89,11 @@ def _recall(best: np.ndarray, twins: np.ndarray) -> float:
     return float(np.mean((best[a] == b) | (best[b] == a)))
 
 
-def core_semantic(n: int, threshold: float = 0.95, max_group: int = 5000, sample: int = 50_000) -> dict:
+def core_semantic(n: int, threshold: float = 0.95, max_group: int = 5000, sample: int = 50_000,
+                  spread: float = 0.9) -> dict:
     from clip_curate.dedup_core import fit_semantic_model, semantic_best_dropper, semantic_keys
 
-    x, twins = embeddings(n)
+    x, twins = embeddings(n, spread=spread)
     score = np.random.default_rng(1).random(n).astype(np.float32)  # clip_score: the rank
     t0 = time.perf_counter()
     pick = np.random.default_rng(2).permutation(n)[:min(n, sample)]
@@ -115,7 +116,7 @@ def core_semantic(n: int, threshold: float = 0.95, max_group: int = 5000, sample
         pairs.append((g[hit], g[found[hit]]))
     best = _combine(n, pairs, score)
     t_end = time.perf_counter()
-    out = {"kind": "semantic", "rows": n, "mode": "core", "wall_s": t_end - t0, "fit_s": t_fit - t0,
+    out = {"kind": "semantic", "rows": n, "mode": "core", "spread": spread, "wall_s": t_end - t0, "fit_s": t_fit - t0,
            "keys_s": t_keys - t_fit, "decide_s": t_end - t_keys, "k": int(len(model.centroids)),
            "keys_per_row": len(rows) / n, "max_group": int(max(sizes, default=0)),
            "dropped": int((best >= 0).sum()), "twin_recall": _recall(best, twins)}
@@ -197,13 +198,28 @@ def beam_run(kind: str, n: int) -> dict:
 
 
 def _one(spec: str) -> dict:
-    mode, kind, n = spec.split(":")
+    mode, kind, n, spread = spec.split(":")
     if mode == "beam":
         out = beam_run(kind, int(n))
     else:
-        out = core_semantic(int(n)) if kind == "semantic" else core_near(int(n))
+        out = core_semantic(int(n), spread=float(spread)) if kind == "semantic" else core_near(int(n))
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+def print_table(results: list[dict]) -> None:
+    def cell(r, key, fmt):
+        return format(r[key], fmt) if key in r else ""
+
+    print("| kind | what | rows | wall s | µs/row | peak RSS MB | k | keys/row | largest group | dropped "
+          "| twin recall | recall vs all pairs |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        what = r["mode"] + (f" (spread {r['spread']:g})" if r.get("spread", 0.9) != 0.9 else "")
+        print(f"| {r['kind']} | {what} | {r['rows']:,} | {r['wall_s']:.1f} | {1e6 * r['wall_s'] / r['rows']:.0f} "
+              f"| {r['peak_rss_mb']:.0f} | {cell(r, 'k', 'd')} | {cell(r, 'keys_per_row', '.3f')} "
+              f"| {cell(r, 'max_group', ',')} | {r['dropped']:,} | {r['twin_recall']:.3f} "
+              f"| {cell(r, 'vs_all_pairs_recall', '.3f')} |")
 
 
 def main(argv=None) -> int:
@@ -211,17 +227,24 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="10000,100000", help="core sizes (comma-separated)")
     p.add_argument("--beam-sizes", default="10000", help="sizes also run through the Beam transform ('' = none)")
     p.add_argument("--kinds", default="semantic,near")
+    p.add_argument("--spread", type=float, default=0.9,
+                   help="semantic core: noise around cluster centres (0.9: member cosine ~0.55; 4: ~0.06, "
+                        "heavily overlapping clusters)")
     p.add_argument("--threads", type=int, default=2, help="BLAS/faiss threads (the target is 2 cores)")
     p.add_argument("--json", help="append each result as a JSON line to this file")
+    p.add_argument("--table", help="only print the table of a --json file")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.table:
+        print_table([json.loads(line) for line in open(args.table)])
+        return 0
     if args.one:
         print(json.dumps(_one(args.one)))
         return 0
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
                MKL_NUM_THREADS=str(args.threads))
-    specs = [f"core:{k}:{n}" for k in args.kinds.split(",") for n in args.sizes.split(",") if n]
-    specs += [f"beam:{k}:{n}" for k in args.kinds.split(",") for n in args.beam_sizes.split(",") if n]
+    specs = [f"core:{k}:{n}:{args.spread}" for k in args.kinds.split(",") for n in args.sizes.split(",") if n]
+    specs += [f"beam:{k}:{n}:{args.spread}" for k in args.kinds.split(",") for n in args.beam_sizes.split(",") if n]
     results = []
     for spec in specs:
         proc = subprocess.run([sys.executable, __file__, "--one", spec], env=env, capture_output=True, text=True)
@@ -234,12 +257,7 @@ def main(argv=None) -> int:
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
-    print("| kind | what | rows | wall s | µs/row | peak RSS MB | keys/row | largest group | dropped | twin recall |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['kind']} | {r['mode']} | {r['rows']:,} | {r['wall_s']:.1f} | {1e6 * r['wall_s'] / r['rows']:.0f} "
-              f"| {r['peak_rss_mb']:.0f} | {r.get('keys_per_row', float('nan')):.2f} | {r.get('max_group', '')} "
-              f"| {r['dropped']:,} | {r['twin_recall']:.4f} |")
+    print_table(results)
     return 0
 
 
