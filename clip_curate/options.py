@@ -73,7 +73,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, titl
             help_text += f" (default: {f.default})"
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
-        group.add_argument(flag_name(f), help=help_text, **kw)
+        group.add_argument(flag_name(f), help=help_text.replace("%", "%%"), **kw)
 
 
 def config_keys(config_cls: type) -> set[str]:
