@@ -155,9 +155,31 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int]:
-    """Run ``cmd``; (wall seconds, peak RSS sum, peak PSS sum) of its process tree."""
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """user + system CPU seconds of each live process (from /proc/PID/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[p] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, float]:
+    """Run ``cmd``; (wall seconds, peak RSS sum, peak PSS sum, CPU seconds) of its process tree.
+
+    CPU seconds: the last sampled user+system time of every process of the tree, plus what the tool's
+    reaped children reported (``RUSAGE_CHILDREN``), whichever is larger; a shared machine's load barely
+    changes it, unlike wall time."""
+    import resource
+
     peak_rss = peak_pss = 0
+    cpu_by_pid: dict[int, float] = {}
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     done = threading.Event()
@@ -172,6 +194,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, i
         while not done.is_set():
             rss, pss = tree_memory(proc.pid)
             peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            cpu_by_pid.update(cpu_seconds(_tree(proc.pid)))
             done.wait(0.25)
     threads = [threading.Thread(target=drain, daemon=True), threading.Thread(target=sample, daemon=True)]
     for t in threads:
@@ -183,7 +206,9 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, i
         t.join()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}):\n{b''.join(err_chunks).decode()[-3000:]}")
-    return wall, peak_rss, peak_pss
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    reaped = (after.ru_utime - children_before.ru_utime) + (after.ru_stime - children_before.ru_stime)
+    return wall, peak_rss, peak_pss, max(reaped, sum(cpu_by_pid.values()))
 
 
 def run_img2dataset(url_file: str, out: str, args) -> tuple[int, float, int, int, dict]:
@@ -195,7 +220,7 @@ def run_img2dataset(url_file: str, out: str, args) -> tuple[int, float, int, int
         "--number_sample_per_shard", str(max(50, args.images // 8)),
         "--image_size", str(args.image_size), "--resize_mode", "keep_ratio", "--enable_wandb", "False"]
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-    wall, rss, pss = run_measured(cmd, env)
+    wall, rss, pss, cpu = run_measured(cmd, env)
     ok, errors = 0, {}
     for path in glob.glob(os.path.join(out, "*_stats.json")):
         with open(path) as f:
@@ -204,7 +229,7 @@ def run_img2dataset(url_file: str, out: str, args) -> tuple[int, float, int, int
         for status, n in stats.get("status_dict", {}).items():
             if status != "success":
                 errors[status] = errors.get(status, 0) + n
-    return ok, wall, rss, pss, errors
+    return ok, wall, rss, pss, cpu, errors
 
 
 def run_clip_curate(url_file: str, out: str, args) -> tuple[int, float, int, int, dict]:
@@ -216,11 +241,11 @@ def run_clip_curate(url_file: str, out: str, args) -> tuple[int, float, int, int
         "--image-size", str(args.image_size), "--resize-mode", "keep_ratio", "--no-store-embeddings",
         "--progress-seconds", "0", "--log-level", "WARNING",
         f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
-    wall, rss, pss = run_measured(cmd)
+    wall, rss, pss, cpu = run_measured(cmd)
     with open(os.path.join(out, "stats.json")) as f:
         stats = json.load(f)
     errors = {f"{stage}/{reason}": n for stage, by in stats.get("rejected_by", {}).items() for reason, n in by.items()}
-    return stats["curated_rows"], wall, rss, pss, errors
+    return stats["curated_rows"], wall, rss, pss, cpu, errors
 
 
 def main(argv=None) -> int:
@@ -263,12 +288,12 @@ def main(argv=None) -> int:
             for name, fn in tools:
                 if args.only not in ("both", name.split()[0]):
                     continue
-                ok, wall, rss, pss, errors = fn(url_file, os.path.join(tmp, f"{name.split()[0]}-out"), args)
+                ok, wall, rss, pss, cpu, errors = fn(url_file, os.path.join(tmp, f"{name.split()[0]}-out"), args)
                 startup = None
                 if args.startup_images:
-                    ok0, wall0, *_ = fn(small_file, os.path.join(tmp, f"{name.split()[0]}-startup"), args)
-                    startup = (ok0, wall0)
-                results.append((name, ok, wall, rss, pss, startup))
+                    ok0, wall0, _, _, cpu0, _ = fn(small_file, os.path.join(tmp, f"{name.split()[0]}-startup"), args)
+                    startup = (ok0, wall0, cpu0)
+                results.append((name, ok, wall, rss, pss, cpu, startup))
                 if ok < args.images:
                     print(f"{name}: {args.images - ok} of {args.images} images failed: {errors}", file=sys.stderr)
     finally:
@@ -282,24 +307,27 @@ def main(argv=None) -> int:
           f"{'nginx' if use_nginx else 'a Python server'} on 127.0.0.1 -> {args.image_size} px keep_ratio JPEG; "
           f"{args.workers} processes x {args.threads} threads; {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at the end\n")
-    print("| tool | images ok | wall s | images/s | start-up s | images/s after start-up "
-          "| peak RSS (sum) MB | peak PSS (sum) MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| tool | images ok | wall s | images/s | CPU s | start-up wall s / CPU s | CPU ms per image after "
+          f"start-up | images/s on {args.workers} idle cores (projected) | peak RSS (sum) MB | peak PSS (sum) MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rates = []
-    for tool, ok, wall, rss, pss, startup in results:
-        steady = "n/a"
-        start_s = "n/a"
+    for tool, ok, wall, rss, pss, cpu, startup in results:
+        start_s = per_image = projected = "n/a"
+        proj = float("nan")
         if startup:
-            ok0, wall0 = startup
-            start_s = f"{wall0:.1f}"
-            steady_rate = (ok - ok0) / max(wall - wall0, 1e-9) if wall > wall0 else float("nan")
-            steady = f"{steady_rate:.0f}"
-        rates.append((ok / wall, rss, pss))
-        print(f"| {tool} | {ok} | {wall:.1f} | {ok / wall:.0f} | {start_s} | {steady} "
+            ok0, wall0, cpu0 = startup
+            start_s = f"{wall0:.1f} / {cpu0:.1f}"
+            if ok > ok0 and cpu > cpu0:
+                ms = (cpu - cpu0) / (ok - ok0) * 1000
+                proj = args.workers * 1000 / ms
+                per_image, projected = f"{ms:.1f}", f"{proj:.0f}"
+        rates.append((ok / wall, proj, rss, pss))
+        print(f"| {tool} | {ok} | {wall:.1f} | {ok / wall:.0f} | {cpu:.1f} | {start_s} | {per_image} | {projected} "
               f"| {rss / 2**20:.0f} | {pss / 2**20:.0f} |")
     if len(rates) == 2:
-        (rate_a, rss_a, pss_a), (rate_b, rss_b, pss_b) = rates
-        print(f"\nclip-curate / img2dataset: {rate_b / max(rate_a, 1e-9):.2f}x images/s (wall), "
+        (rate_a, proj_a, rss_a, pss_a), (rate_b, proj_b, rss_b, pss_b) = rates
+        print(f"\nclip-curate / img2dataset: {rate_b / max(rate_a, 1e-9):.2f}x images/s (wall, start-up included), "
+              f"{proj_b / proj_a:.2f}x images/s after start-up (CPU-time projection), "
               f"{rss_b / max(rss_a, 1):.2f}x peak RSS, {pss_b / max(pss_a, 1):.2f}x peak PSS")
     return 0
 
