@@ -19,6 +19,7 @@ import apache_beam as beam
 from clip_curate import records
 from clip_curate.options import ConfigError, opt
 from clip_curate.reader import InputPlan, ReadUrlList, ReaderConfig
+from clip_curate.resume import SkipExisting as _SkipExisting, existing_output_uids, resume_prefix  # noqa: F401
 from clip_curate.writer import OutputConfig, WriteParquetTable, WriteStats, join, shard_count
 
 log = logging.getLogger(__name__)
@@ -200,21 +201,6 @@ class _CaptionSafety(beam.DoFn):
             yield row
 
 
-class _SkipExisting(beam.PTransform):
-    """Drop rows whose uid is in ``uids`` (a PCollection of uid strings) with a keyed join."""
-
-    def __init__(self, uids):
-        super().__init__()
-        self._uids = uids
-
-    def expand(self, rows):
-        keyed = rows | "KeyByUid" >> beam.Map(lambda r: (r["uid"], r))
-        done = self._uids | "KeyDone" >> beam.Map(lambda u: (u, None))
-        return ({"row": keyed, "done": done}
-                | "JoinDone" >> beam.CoGroupByKey()
-                | "KeepNew" >> beam.FlatMap(lambda kv: [] if kv[1]["done"] else kv[1]["row"]))
-
-
 def validate_stage_configs(cfg: CurateConfig) -> None:
     """Checks that need more than a config's own fields (files, models), run before any work starts."""
     for name in cfg.run.enabled():
@@ -226,20 +212,3 @@ def validate_stage_configs(cfg: CurateConfig) -> None:
         from clip_curate.clip_model import validate_model_config
         if getattr(cfg.stages["embed"], "clip_model", "none") not in ("none", ""):
             validate_model_config(cfg.stages["embed"])
-
-
-def resume_prefix(out_dir: str) -> str:
-    """A shard prefix distinct from every earlier run's (``part-r<unix time>``)."""
-    return f"part-r{int(time.time())}"
-
-
-def existing_output_uids(p: beam.Pipeline, out_dir: str):
-    """PCollection of uids already written to OUT/curated and OUT/rejected (empty if none)."""
-    from apache_beam.io.filesystems import FileSystems
-
-    patterns = [join(out_dir, sub, "*.parquet") for sub in ("curated", "rejected")]
-    present = [pat for pat in patterns if FileSystems.match([pat])[0].metadata_list]
-    if not present:
-        return p | "NoDoneUids" >> beam.Create([])
-    reads = [p | f"ReadDone{i}" >> beam.io.ReadFromParquet(pat, columns=["uid"]) for i, pat in enumerate(present)]
-    return tuple(reads) | "DoneRows" >> beam.Flatten() | "DoneUid" >> beam.Map(lambda r: r["uid"])

@@ -131,37 +131,4 @@ def update_stats(out_dir: str, **updates: Any) -> dict[str, Any]:
     return stats
 
 
-def output_counts(out_dir: str) -> dict[str, Any]:
-    """Rows already in OUT (curated count, rejected by stage/reason), read from the Parquet files."""
-    import pyarrow.parquet as pq
-
-    counts: dict[str, Any] = {"curated_rows": 0, "rejected_rows": 0, "rejected_by": {}}
-    for sub in ("curated", "rejected"):
-        matches = FileSystems.match([join(out_dir, sub, "*.parquet")])[0].metadata_list
-        for m in matches:
-            with FileSystems.open(m.path) as f:
-                if sub == "curated":
-                    counts["curated_rows"] += pq.ParquetFile(f).metadata.num_rows
-                    continue
-                table = pq.read_table(f, columns=["stage", "reason"])
-            for stage, reason in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()):
-                by = counts["rejected_by"].setdefault(stage, {})
-                by[reason] = by.get(reason, 0) + 1
-                counts["rejected_rows"] += 1
-    return counts
-
-
-def merge_counts(stats: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
-    """stats of a resumed run + rows written by earlier runs = stats of the whole output."""
-    merged = dict(stats)
-    merged["curated_rows"] = stats["curated_rows"] + previous["curated_rows"]
-    merged["rejected_rows"] = stats["rejected_rows"] + previous["rejected_rows"]
-    merged["input_rows"] = stats["input_rows"] + previous["curated_rows"] + previous["rejected_rows"]
-    by = {s: dict(r) for s, r in stats["rejected_by"].items()}
-    for stage, reasons in previous["rejected_by"].items():
-        for reason, n in reasons.items():
-            by.setdefault(stage, {})[reason] = by.get(stage, {}).get(reason, 0) + n
-    merged["rejected_by"] = by
-    merged["resumed"] = {"previous_rows": previous["curated_rows"] + previous["rejected_rows"],
-                         "new_rows": stats["input_rows"]}
-    return merged
+from clip_curate.resume import merge_counts, output_counts  # noqa: E402,F401  (moved; kept importable here)

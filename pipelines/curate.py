@@ -16,9 +16,10 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 
 from clip_curate import records, summary
 from clip_curate.config import parse_run_args
-from clip_curate.pipeline import build_pipeline, existing_output_uids, resume_prefix, validate_stage_configs
+from clip_curate.pipeline import build_pipeline, validate_stage_configs
 from clip_curate.reader import plan_input
-from clip_curate.writer import merge_counts, output_counts, read_stats, update_stats
+from clip_curate.resume import existing_output_uids, merge_counts, prepare_resume
+from clip_curate.writer import read_stats, update_stats
 
 log = logging.getLogger("clip_curate")
 
@@ -40,8 +41,8 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
         options.view_as(TypeOptions).allow_unsafe_triggers = True
     p = test_pipeline or beam.Pipeline(options=options)
     if cfg.run.resume:
-        prefix = resume_prefix(cfg.output.output)
-        previous = output_counts(cfg.output.output)
+        state = prepare_resume(cfg.output.output)   # adopts a killed run's complete temp shards first
+        prefix, previous = state.prefix, state.previous
         done_uids = existing_output_uids(p, cfg.output.output)
     build_pipeline(p, cfg, plan, shard_prefix=prefix, existing_uids=done_uids)
     result = p.run()
