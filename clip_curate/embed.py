@@ -62,7 +62,7 @@ def prepare_image(image_bytes: bytes, plan: PixelPlan) -> np.ndarray:
         im.load()
         out = plan.pil_transform(im.convert("RGB"))
     if plan.mean is None:
-        return np.asarray(out, dtype=np.float32)
+        return np.array(out, dtype=np.float32)  # a copy: never a view of a torch tensor (see ClipEmbedder.embed)
     arr = np.asarray(out, dtype=np.uint8)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
@@ -109,7 +109,10 @@ class ClipEmbedder:
                 txt = model.encode_text(t)
             img = torch.nn.functional.normalize(img.float(), dim=-1)
             txt = torch.nn.functional.normalize(txt.float(), dim=-1)
-            return img.cpu().numpy(), txt.cpu().numpy()
+            # Copies: arrays that own their memory. A view of a torch tensor would pin the whole batch
+            # per row and free through torch, which aborts (std::terminate) when a worker thread drops
+            # the last reference during interpreter exit (PortableRunner LOOPBACK).
+            return img.cpu().numpy().copy(), txt.cpu().numpy().copy()
 
 
 Example = tuple[np.ndarray, np.ndarray]  # (pixels [3,S,S], tokens [ctx])
@@ -198,7 +201,7 @@ class _Prepare(beam.DoFn):
             yield beam.pvalue.TaggedOutput(records.REJECTED_TAG, records.reject(
                 row, STAGE, "embed_error", f"image decode failed: {exc.__class__.__name__}: {msg}"))
             return
-        tokens = self._tokenizer([row.get("caption") or ""])[0].numpy().astype(np.int64, copy=False)
+        tokens = self._tokenizer([row.get("caption") or ""])[0].numpy().astype(np.int64)  # a copy, not a torch-backed view
         self._msecs.update(int((time.monotonic() - t0) * 1000))
         yield row, (pixels, tokens)
 

@@ -394,7 +394,9 @@ def run_arm(name: str, pool: Pool, eval_set: EvalSet, seeds: Sequence[int], *, m
         train_s = time.time() - t0
         scored = score_model(model, eval_set, model_cfg=model_cfg, preprocess_cfg=preprocess_cfg, device=device)
         runs.append({"seed": seed, "train_s": round(train_s, 1), **scored})
-        log.info("%s arm, seed %d: zero-shot mean %.3f (%.0fs)", name, seed, scored["zero_shot_mean"], train_s)
+        log.info("%s arm, seed %d: zero-shot mean %.3f %s, retrieval %s (%.0fs)", name, seed, scored["zero_shot_mean"],
+                 json.dumps({k: round(v, 3) for k, v in scored["zero_shot"].items()}),
+                 json.dumps({k: round(v, 3) for k, v in scored.get("retrieval", {}).items()}), train_s)
     metrics = [flat_metrics(r) for r in runs]
     summary = {k: summarize([m[k] for m in metrics]) for k in metrics[0]}
     return {"source": pool.source, "source_kind": pool.kind, "pairs": len(pool.captions),
@@ -462,7 +464,7 @@ def plot(result: dict[str, Any], path: str) -> str:
 
 
 def evaluate(raw: Pool, curated: Pool, eval_set: EvalSet, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 2000,
-             batch_size: int = 64, lr: float = 1e-3, warmup_steps: int | None = None,
+             batch_size: int = 64, lr: float = 2e-3, warmup_steps: int | None = None,
              model_cfg: dict[str, Any] | None = None, preprocess_cfg: dict[str, Any] | None = None,
              device: str = "cpu") -> dict[str, Any]:
     """Train the proxy model on both pools for every seed and compare; returns the evaluation dict."""
@@ -481,7 +483,17 @@ def evaluate(raw: Pool, curated: Pool, eval_set: EvalSet, *, seeds: Sequence[int
     t0 = time.time()
     common = dict(eval_set=eval_set, seeds=list(seeds), model_cfg=model_cfg, preprocess_cfg=preprocess_cfg,
                   steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, device=device)
-    arms = {"raw": run_arm("raw", raw, **common), "curated": run_arm("curated", curated, **common)}
+    arms: dict[str, dict[str, Any]] = {}
+    for seed in seeds:  # seed-major, so an interrupted run still has paired results in its log
+        for name, pool in (("raw", raw), ("curated", curated)):
+            one = run_arm(name, pool, **{**common, "seeds": [seed]})
+            if name in arms:
+                arms[name]["runs"] += one["runs"]
+            else:
+                arms[name] = one
+    for arm in arms.values():
+        metrics = [flat_metrics(r) for r in arm["runs"]]
+        arm["summary"] = {k: summarize([m[k] for m in metrics]) for k in metrics[0]}
     keys = list(arms["raw"]["summary"])
     runs = {a: [flat_metrics(r) for r in arms[a]["runs"]] for a in arms}
     comparison = {k: compare([m[k] for m in runs["raw"]], [m[k] for m in runs["curated"]]) for k in keys}
@@ -525,7 +537,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps per run (default: 2000)")
     p.add_argument("--batch-size", type=int, default=64, help="pairs per step (default: 64)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: 0,1,2)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 0.001)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: 0.002)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default: min(200, steps/10))")
     p.add_argument("--model-config", default=None,
                    help="JSON file with an open_clip model_cfg (or {'model_cfg': ...}); default: the proxy config")

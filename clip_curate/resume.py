@@ -64,7 +64,22 @@ def temp_files(out_dir: str, sub: str) -> tuple[list[str], list[str]]:
         for path in _match(_join(out_dir, sub, pattern, "*")):
             dirs.add(path.rsplit("/", 1)[0])
             files.append(path)
+        dirs.update(_empty_dirs(_join(out_dir, sub, pattern)))
     return sorted(dirs), sorted(files)
+
+
+def _empty_dirs(pattern: str) -> list[str]:
+    """Directories matching ``pattern`` (Beam's match lists files only; a run killed before its first
+    bundle finished leaves empty temporary directories on local disk and HDFS-like file systems)."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(pattern)
+        protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
+        return [protocol + p if protocol and not p.startswith(protocol) else p
+                for p in fs.glob(path) if fs.isdir(p)]
+    except (OSError, ValueError, ImportError):
+        return []
 
 
 def _read_uids(path: str) -> list[str]:
@@ -109,6 +124,9 @@ def adopt_incomplete_outputs(out_dir: str, prefix: str | None = None) -> AdoptRe
     report = AdoptReport()
     found = {sub: temp_files(out_dir, sub) for sub in SUBDIRS}
     if not any(files for _, files in found.values()):
+        for sub in SUBDIRS:  # a run killed before any bundle finished leaves empty temporary directories
+            if found[sub][0]:
+                FileSystems.delete(found[sub][0])
         return report
     prefix = prefix or unused_prefix(out_dir, "part-a")
     seen: set[str] = set()

@@ -51,7 +51,8 @@ def test_retry_from_recovers_rows_whose_server_came_back_and_resume_skips_done_r
         assert resumed.returncode == 0, resumed.stderr[-2000:]
     total = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert total["input_rows"] == 20 == total["curated_rows"] + total["rejected_rows"]
-    assert total["resumed"] == {"previous_rows": 20, "new_rows": 0}
+    assert total["resumed"]["previous_rows"] == 20 and total["resumed"]["new_rows"] == 0
+    assert total["resumed"]["adopted_from_killed_run"]["complete_temp_files"] == 0  # nothing was killed
     uids = (pq.read_table(tmp_path / "out" / "curated").column("uid").to_pylist()
             + pq.read_table(tmp_path / "out" / "rejected").column("uid").to_pylist())
     assert len(uids) == len(set(uids)) == 20
