@@ -8,6 +8,7 @@ one rejected sink, so input rows == curated rows + rejected rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import time
@@ -138,13 +139,19 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
         skip.add("download")  # rows carry their image: the downloader is never constructed
     if plan.preprocessed:
         skip.add("image")
+    elif plan.has_images and "image" not in enabled and set(enabled) & {"embed", "dedup", "safety"}:
+        # Pool rows carry raw image bytes; later stages read the decoded, validated, resized image.
+        log.info("stages: image stage added: the pool's rows carry raw image bytes that embed/dedup/safety "
+                 "read only after decode and resize")
+        enabled = tuple(s for s in STAGES if s in enabled or s == "image")
+    stage_cfgs = _refilter_model(cfg, plan, enabled)
     for name in enabled:
-        stage_cfg = cfg.stages.get(name)
+        stage_cfg = stage_cfgs.get(name)
         if stage_cfg is None or name in skip:
             continue
         if name == "embed" and getattr(stage_cfg, "clip_model", "none") in ("none", ""):
             continue
-        transform = _stage_transform(name, stage_cfg, {**cfg.stages, "_estimated_rows": plan.estimated_rows})
+        transform = _stage_transform(name, stage_cfg, {**stage_cfgs, "_estimated_rows": plan.estimated_rows})
         if transform is None:
             continue
         rows, stage_rejected = rows | name.capitalize() >> transform
@@ -165,12 +172,80 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
                                                shard_prefix, "curated_rows")
     all_rejected | "WriteRejected" >> WriteParquetTable(join(out, "rejected"), rejected_schema(extra, store),
                                                         n_cur, shard_prefix, "rejected_rows")
-    (input_rows, rows, all_rejected) | "Stats" >> WriteStats(out, {"stages": list(enabled)})
+    stats_extra: dict[str, Any] = {"stages": list(enabled), "input_format": plan.fmt}
+    if "embed" in enabled and _has_model(stage_cfgs.get("embed")):
+        stats_extra["embedding"] = embedding_identity(stage_cfgs["embed"])
+    (input_rows, rows, all_rejected) | "Stats" >> WriteStats(out, stats_extra)
     if cfg.run.audit:
         from clip_curate.audit import BiasAudit
         embed_cfg = cfg.stages.get("embed") if "embed" in enabled else None
         (rows, all_rejected) | "Audit" >> BiasAudit(join(out, "audit"), cfg.audit, model_config=embed_cfg)
     return {"input": input_rows, "curated": rows, "rejected": all_rejected}
+
+
+def _has_model(embed_cfg: Any) -> bool:
+    return embed_cfg is not None and getattr(embed_cfg, "clip_model", "none") not in ("none", "")
+
+
+def embedding_identity(embed_cfg: Any) -> dict[str, Any]:
+    """What made a run's embeddings (recorded in stats.json ``embedding``): the ``embed_model`` key
+    rows carry (model id + precision) and the model's image preprocessing."""
+    from clip_curate.clip_model import embed_model_key, load_preprocess
+
+    try:
+        preprocess = " ".join(repr(load_preprocess(embed_cfg)[0]).split())
+    except Exception as exc:  # noqa: BLE001 - e.g. a hub config that cannot be fetched now
+        log.debug("preprocess of %s not recorded: %s", embed_cfg.clip_model, exc)
+        preprocess = None
+    return {"embed_model": embed_model_key(embed_cfg), "preprocess": preprocess}
+
+
+def _refilter_model(cfg: CurateConfig, plan: InputPlan, enabled: tuple[str, ...]) -> dict[str, Any]:
+    """Stage configs for this run; with a clip-curate output as input, say whether its stored embeddings
+    are reused (same model, same preprocessing) or recomputed, and why."""
+    stages = dict(cfg.stages)
+    if plan.fmt != "curated":
+        return stages
+    opts = dict(plan.options)
+    root = opts.get("out_root")
+    out = (cfg.output.output or "").rstrip("/")
+    if root and out and out.rstrip("/") == str(root).rstrip("/"):
+        raise ConfigError(f"--output {out!r} is the input being re-filtered; write to another directory")
+    embed_cfg = stages.get("embed")
+    if "embed" not in enabled or not _has_model(embed_cfg):
+        log.info("re-filter: no embed stage; stored clip_score/embeddings are used as they are")
+        return stages
+    stored = tuple(opts.get("embed_models") or ())
+    ident = embedding_identity(embed_cfg)
+    key = ident["embed_model"]
+    if not embed_cfg.reuse_embeddings:
+        log.info("re-filter: --no-reuse-embeddings: every row is embedded again with %s", key)
+    elif not stored:
+        log.info("re-filter: the input holds no stored embeddings: every row is embedded with %s from its "
+                 "stored image", key)
+    elif key not in stored:
+        log.warning("re-filter: stored embeddings were made by %s, this run uses %s: they are recomputed from "
+                    "the stored images (rows without an image are rejected embed/embed_error)",
+                    ", ".join(stored), key)
+    else:
+        previous = _input_embedding(root)
+        if previous and previous.get("embed_model") == key and previous.get("preprocess") and \
+                ident["preprocess"] and previous["preprocess"] != ident["preprocess"]:
+            log.warning("re-filter: %s preprocessed images differently when the input was made (%s; now %s): "
+                        "embeddings are recomputed", key, previous["preprocess"], ident["preprocess"])
+            stages["embed"] = dataclasses.replace(embed_cfg, reuse_embeddings=False)
+        else:
+            log.info("re-filter: stored embeddings made by %s are reused (no forward pass for those rows)", key)
+    return stages
+
+
+def _input_embedding(root: str) -> dict[str, Any] | None:
+    from clip_curate.writer import read_stats
+
+    try:
+        return read_stats(root).get("embedding")
+    except Exception:  # noqa: BLE001 - an output without (readable) stats.json: nothing recorded
+        return None
 
 
 def _early_caption_safety(cfg: CurateConfig) -> bool:

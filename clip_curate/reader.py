@@ -354,8 +354,9 @@ class _ValidateRow(beam.DoFn):
         elif "__reject__" in row:  # (reason, detail) decided by a pool source, e.g. source_failed
             reason, detail = row.pop("__reject__")
             yield beam.pvalue.TaggedOutput(records.REJECTED_TAG, records.reject(row, "read", reason, detail))
-        elif row.get("image_bytes") is not None or row.get("image") is not None:
-            yield row  # pool rows hold their image; a URL is optional
+        elif (row.get("image_bytes") is not None or row.get("image") is not None
+              or row.get("image_embedding") is not None):
+            yield row  # pool rows hold their image (or, re-filtered, its embedding); a URL is optional
         elif not row.get("url"):
             yield beam.pvalue.TaggedOutput(records.REJECTED_TAG, records.reject(row, "read", "missing_url", "empty url"))
         else:

@@ -16,7 +16,7 @@ MAX_DETAIL_CHARS = 500
 
 # Fixed vocabulary: stage -> allowed reasons. Labels are bounded; free text goes into ``detail``.
 REASONS: dict[str, tuple[str, ...]] = {
-    "read": ("missing_url", "invalid_url", "source_failed", "unreadable_source"),
+    "read": ("missing_url", "invalid_url", "source_failed", "unreadable_source", "corrupt_shard", "missing_image"),
     "caption": ("missing_caption", "short_caption", "long_caption", "language", "unsafe_caption"),
     "download": (
         "http_404", "http_4xx", "http_5xx", "timeout", "too_large", "redirect_loop",
