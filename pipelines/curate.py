@@ -28,6 +28,8 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     """Parse flags, build the pipeline, run it to completion; returns the final stats.json content."""
     cfg, beam_args = parse_run_args(sys.argv[1:] if argv is None else argv)
     logging.getLogger().setLevel(cfg.run.log_level)
+    if cfg.run.log_level != "DEBUG":  # one line per type hint it converts: noise unless debugging
+        logging.getLogger("apache_beam.typehints.native_type_compatibility").setLevel(logging.WARNING)
     plan = plan_input(cfg.reader)                 # fails fast on bad input
     validate_stage_configs(cfg)                   # e.g. model exists, before any download work
     options = PipelineOptions(beam_args)
