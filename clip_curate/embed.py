@@ -190,8 +190,11 @@ class _Prepare(beam.DoFn):
         image = row.get("image")
         if not image:
             self._errors.inc()
-            yield beam.pvalue.TaggedOutput(records.REJECTED_TAG,
-                                           records.reject(row, STAGE, "embed_error", "no image bytes"))
+            stored = row.get("embed_model")
+            detail = ("no image bytes" if not stored else
+                      f"no image to embed: the row's stored embeddings were made by {stored}, this run uses "
+                      f"{self._key} (rows re-read from a rejected table keep no image)")
+            yield beam.pvalue.TaggedOutput(records.REJECTED_TAG, records.reject(row, STAGE, "embed_error", detail))
             return
         try:
             pixels = prepare_image(bytes(image), self._plan)

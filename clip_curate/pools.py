@@ -58,6 +58,7 @@ SUCCESS = "success"
 #: every decision after the embedding can be made again from stored fields).
 REFILTER_STAGES = ("clip", "dedup")
 _BLOCK = 512
+_CORRUPT_HEADER = "unreadable bytes (corrupt tar header)"
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")   # webdataset's key / extension split
 _CURATED_MARKERS = {"uid", "image", "embed_model", "clip_score"}
 _DOC_EXTS = (".json", ".txt", ".md", ".yaml", ".yml")  # beside pool files (stats, dataset cards): ignored
@@ -591,15 +592,22 @@ def _iter_tar(path: str, report) -> Iterator[dict[str, Any]]:
             try:
                 m = tf.next()
             except (tarfile.TarError, OSError, EOFError) as exc:
-                report(expected, size, f"{type(exc).__name__}: {exc}")
+                if expected >= size:
+                    report(size, size, "the shard ends inside a member (truncated)")
+                else:
+                    report(expected, size, f"{type(exc).__name__}: {exc}")
                 pending_gap = True
+                if current is not None:
+                    current["damaged"] = True
                 m = None
             if m is None:
                 break
             tf.members.clear()  # no index: a shard may hold many members
             if m.offset > expected and not _zeros(f, expected, m.offset):
-                report(expected, m.offset, "unreadable bytes (corrupt tar header)")
-                pending_gap = True
+                report(expected, m.offset, _CORRUPT_HEADER)
+                pending_gap = True   # the lost members belong to the sample before or the one after
+                if current is not None:
+                    current["damaged"] = True
             data_end = m.offset_data + -(-m.size // _BLOCK) * _BLOCK
             expected = data_end
             if not m.isfile():
@@ -635,7 +643,8 @@ def _iter_tar(path: str, report) -> Iterator[dict[str, Any]]:
                 current["damaged"] = True
             yield current
         if expected < size and not _zeros(f, expected, size):
-            report(expected, size, "unreadable bytes after the last member")
+            report(expected, size, "unreadable bytes after the last member" if expected else
+                   "not a readable tar (no valid member header)")
         elif expected >= size and size and not pending_gap:
             report(size, size, "the shard ends without tar's end-of-archive blocks (truncated?)")
 
@@ -660,6 +669,8 @@ def _read_tar_split(path: str, plan: InputPlan, opts: dict) -> Iterator[dict[str
                                                                                      f"{raw.get('status')!r}")
     regions: list[tuple[int, int, str]] = []
     want = opts.get("image_ext")
+    usual: set[str] | None = None  # members of an intact sample of this shard
+    explained: set[int] = set()    # regions whose lost members belong to a sample rejected by name
     for sample in _iter_tar(path, lambda a, b, why: regions.append((a, b, why))):
         key = sample["key"]
         base_key = posixpath.basename(key)
@@ -674,12 +685,19 @@ def _read_tar_split(path: str, plan: InputPlan, opts: dict) -> Iterator[dict[str
         row = _make_row(plan, opts, meta, caption, f"{rel}/{key}")
         ext = want if want else next((e for e in IMAGE_EXTS if e in files), None)
         image = files.get(ext) if ext else None
-        if image:
+        if not sample["damaged"] and usual is None and image:
+            usual = set(files)
+        lost = sorted((usual or set()) - set(files)) if sample["damaged"] else []
+        if image and not lost:
             row["image_bytes"] = image
             yield row
         elif sample["damaged"]:
+            # The unreadable stretch next to this sample held its lost members: it is accounted by this row.
+            explained.update(i for i, (a, b, why) in enumerate(regions)
+                             if why == _CORRUPT_HEADER and (b == sample["start"] or a == sample["end"]))
             yield _reject(row, "corrupt_shard", f"{rel}: sample {key} at byte {sample['start']} is damaged "
-                                                f"({_describe(regions)}); members read: {sorted(files) or 'none'}")
+                                                f"({_describe(regions)}); members read: {sorted(files) or 'none'}"
+                                                + (f", lost: {lost}" if lost else ""))
         else:
             yield _reject(row, "missing_image", f"{rel}: sample {key} has no image member "
                                                 f"(.{want or '/.'.join(IMAGE_EXTS[:4])}); members: {sorted(files)}")
@@ -693,9 +711,9 @@ def _read_tar_split(path: str, plan: InputPlan, opts: dict) -> Iterator[dict[str
                                             f"tar ({_describe(regions) or 'missing'})")
     if not metadata.get(path):
         # Without metadata the samples inside an unreadable stretch cannot be named: one row per stretch.
-        for start, end, why in regions:
-            if why.startswith("member "):
-                continue  # that sample was yielded above, marked damaged
+        for i, (start, end, why) in enumerate(regions):
+            if why.startswith("member ") or i in explained:
+                continue  # that sample was rejected above by name
             where = f"{rel}@{start}"
             yield {"uid": records.make_uid(where, None), "url": None, "caption": None,
                    "__reject__": ("corrupt_shard", f"{rel}: bytes {start}..{end} unreadable ({why}); the samples "
