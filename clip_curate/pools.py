@@ -58,6 +58,7 @@ SUCCESS = "success"
 #: every decision after the embedding can be made again from stored fields).
 REFILTER_STAGES = ("clip", "dedup")
 _BLOCK = 512
+_PEEK = 64  # files whose footers planning reads when there are more (the rest is extrapolated)
 _CORRUPT_HEADER = "unreadable bytes (corrupt tar header)"
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")   # webdataset's key / extension split
 _CURATED_MARKERS = {"uid", "image", "embed_model", "clip_score"}
@@ -322,7 +323,8 @@ def _plan_parquet(cfg: ReaderConfig, fmt: str, files: list[tuple[str, int]]) -> 
         skip.add("txt")  # img2dataset's copy of the caption
     extra, renames = _carry(sch, skip)
     splits, estimated = [], 0
-    for path in paths:
+    many = len(paths) > _PEEK  # then one split per file, and no footer read per file at planning time
+    for path in paths[:_PEEK] if many else paths:
         try:
             with fsspec.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
@@ -333,7 +335,11 @@ def _plan_parquet(cfg: ReaderConfig, fmt: str, files: list[tuple[str, int]]) -> 
             raise ConfigError(f"{path}: no image column {col!r} (the first file has it); "
                               "point --input at files of one layout")
         estimated += meta.num_rows
-        splits.extend(Split(path, fmt, i) for i in range(meta.num_row_groups) if meta.row_group(i).num_rows)
+        if not many:
+            splits.extend(Split(path, fmt, i) for i in range(meta.num_row_groups) if meta.row_group(i).num_rows)
+    if many:
+        estimated = int(estimated / _PEEK * len(paths))
+        splits = [Split(p, fmt) for p in paths]
     if estimated == 0:
         raise ConfigError(f"input {cfg.input!r} is empty (no rows)")
     log.info("input: %s pool: image column %r (%s), caption %r, %d file(s), carried columns: %s",
@@ -383,14 +389,18 @@ def _plan_webdataset(cfg: ReaderConfig, files: list[tuple[str, int]]) -> InputPl
     if "key" not in names_:
         fields.append(pa.field("key", pa.string()))
     extra, renames = _carry(fields, skip)
+    # Row estimate (it only sizes output shards): metadata row counts of up to _PEEK shards, scaled.
     estimated = 0
-    for p, _ in tars:
-        if p in meta_of:
-            try:
-                with fsspec.open(meta_of[p], "rb") as f:
-                    estimated += pq.ParquetFile(f).metadata.num_rows
-            except (OSError, pa.ArrowException) as exc:
-                raise ConfigError(f"cannot read img2dataset metadata {meta_of[p]!r}: {exc}") from None
+    with_meta = [p for p, _ in tars if p in meta_of]
+    counts = []
+    for p in with_meta[:_PEEK]:
+        try:
+            with fsspec.open(meta_of[p], "rb") as f:
+                counts.append(pq.ParquetFile(f).metadata.num_rows)
+        except (OSError, pa.ArrowException) as exc:
+            raise ConfigError(f"cannot read img2dataset metadata {meta_of[p]!r}: {exc}") from None
+    if counts:
+        estimated = sum(counts) if len(with_meta) <= _PEEK else int(sum(counts) / len(counts) * len(with_meta))
     rest = [(p, s) for p, s in tars if p not in meta_of]
     if rest:
         _, n, span = _sample_meta_fields(rest[0][0])
@@ -506,8 +516,9 @@ def _read_parquet_pool(split: Split, plan: InputPlan, opts: dict) -> Iterator[di
     rel = _rel(split.path, opts)
     with fsspec.open(split.path, "rb") as f:
         pf = pq.ParquetFile(f)
-        offset = sum(pf.metadata.row_group(i).num_rows for i in range(split.row_group))
-        for batch in pf.iter_batches(batch_size=256, row_groups=[split.row_group]):
+        groups = list(range(pf.metadata.num_row_groups)) if split.row_group is None else [split.row_group]
+        offset = sum(pf.metadata.row_group(i).num_rows for i in range(groups[0])) if groups else 0
+        for batch in pf.iter_batches(batch_size=256, row_groups=groups):
             for i, raw in enumerate(batch.to_pylist()):
                 index = offset + i
                 image = raw.get(col)

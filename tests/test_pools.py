@@ -223,6 +223,21 @@ def test_refilter_with_another_model_recomputes_and_says_why(pool, first_pass, c
                                       and "synthetic-tiny" in r["detail"] for r in rej)
 
 
+def test_refilter_with_other_preprocessing_recomputes(pool, first_pass, caplog):
+    """Same model id but the input recorded another preprocessing: embeddings are made again."""
+    out_t0, _ = first_pass
+    src = pool["tmp"] / "out_t0_other_preprocess"
+    shutil.copytree(out_t0, src)
+    stats = json.loads((src / "stats.json").read_text())
+    stats["embedding"]["preprocess"] = "Compose( Resize(size=72) CenterCrop(size=(72, 72)) )"
+    (src / "stats.json").write_text(json.dumps(stats))
+    out = pool["tmp"] / "out_other_preprocess"
+    with caplog.at_level(logging.INFO):
+        stats = run(["--input", str(src), "--output", str(out), "--stages", "embed"] + COMMON)
+    assert "preprocessed images differently" in caplog.text
+    assert stats["embedded_rows"] == stats["input_rows"] == stats["curated_rows"] > 0
+
+
 def test_refilter_refuses_its_own_input_as_output(first_pass, capsys):
     out_t0, _ = first_pass
     assert cli_main(["run", "--input", str(out_t0), "--output", str(out_t0)]) == 2
@@ -312,6 +327,9 @@ def test_damaged_plain_webdataset_is_recorded_not_skipped(tmp_path, caplog):
     assert len(by_shard["shard-1"]) == 2 and any("count unknown" in d for d in by_shard["shard-1"])
     assert by_shard["shard-2"] == [] and len(by_shard["shard-3"]) == 1 and "not a readable tar" in by_shard["shard-3"][0]
     good = {r["uid"] for r in rows if "__reject__" not in r}
+    # WebDataset brace notation and globs name shards too
+    assert len(plan_input(ReaderConfig(input=str(src / "shard-{0..2}.tar"))).splits) == 3
+    assert len(plan_input(ReaderConfig(input=str(src / "shard-[01].tar"))).splits) == 2
     assert good == {it.uid for it in items[:1] + items[2:8] + items[8:12] + items[16:24]}
     # end to end: the same pool through the pipeline, every row (and stretch) accounted
     out = tmp_path / "out"
