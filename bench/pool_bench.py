@@ -127,7 +127,7 @@ def _cpu_seconds(pids: list[int]) -> dict[int, float]:
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            out[p] = (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / tick
+            out[p] = (int(fields[11]) + int(fields[12])) / tick
         except (OSError, IndexError, ValueError):
             pass
     return out
