@@ -39,6 +39,7 @@ def measure(cmd: list[str], log_path: str, interval: float = 0.5) -> dict:
     """Run ``cmd``; sample the process tree's memory until it exits."""
     samples: list[tuple[float, int, int]] = []
     t0 = time.monotonic()
+    trace = open(log_path + ".rss.tsv", "w")  # seconds, RSS, PSS (bytes): readable while the run goes on
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         done = threading.Event()
@@ -47,6 +48,8 @@ def measure(cmd: list[str], log_path: str, interval: float = 0.5) -> dict:
             while not done.is_set():
                 rss, pss = tree_memory(proc.pid)
                 samples.append((time.monotonic() - t0, rss, pss))
+                trace.write(f"{samples[-1][0]:.1f}\t{rss}\t{pss}\n")
+                trace.flush()
                 done.wait(interval)
 
         th = threading.Thread(target=sample, daemon=True)
@@ -54,6 +57,7 @@ def measure(cmd: list[str], log_path: str, interval: float = 0.5) -> dict:
         rc = proc.wait()
         done.set()
         th.join()
+    trace.close()
     wall = time.monotonic() - t0
     if rc != 0:
         raise SystemExit(f"run failed (exit {rc}); see {log_path}")

@@ -408,13 +408,13 @@ def format_table(result: dict[str, Any]) -> str:
     """The raw-vs-curated table printed by the command (mean ± sd over seeds; Δ = paired mean)."""
     raw, cur, cmp_ = result["arms"]["raw"]["summary"], result["arms"]["curated"]["summary"], result["comparison"]
     seeds = result["settings"]["seeds"]
-    lines = [f"{'metric':<24}{'raw':>17}{'curated':>17}{'Δ (curated-raw)':>18}  margin > spread",
-             "-" * 92]
+    lines = [f"{'metric':<38}{'raw':>17}{'curated':>17}{'Δ (curated-raw)':>18}  margin > spread",
+             "-" * 106]
     for k in raw:
         chance = result["chance"].get(k)
         label = k + (f" (chance {chance:.2f})" if chance is not None else "")
         c = cmp_[k]
-        lines.append(f"{label:<24.24}{raw[k]['mean']:>10.3f} ± {raw[k]['std']:.3f}{cur[k]['mean']:>10.3f} ± "
+        lines.append(f"{label:<38.38}{raw[k]['mean']:>10.3f} ± {raw[k]['std']:.3f}{cur[k]['mean']:>10.3f} ± "
                      f"{cur[k]['std']:.3f}{c['delta_mean']:>+18.3f}  {'yes' if c['margin_exceeds_spread'] else 'no'}")
     a = result["arms"]
     lines.append(f"pairs: raw {a['raw']['pairs']}, curated {a['curated']['pairs']}; samples seen per run "
