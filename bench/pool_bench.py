@@ -8,7 +8,10 @@
    image decode/resize, embed, CLIP score, exact + near dedup, safety): images/s and the peak RSS of the
    process tree (sum over the DirectRunner's worker processes).
 3. ``clip-curate run --input OUT --clip-top-fraction F``: the re-filter from stored embeddings, rows/s
-   (``embedded_rows`` must be 0).
+   (``embedded_rows`` must be 0). Every stage runs again on the stored rows (caption rules, dedup, the
+   safety classifier on the stored images), the embedding model excepted.
+4. The same with ``--stages clip``: a threshold sweep, where only the CLIP score filter runs (curated rows
+   already passed every other stage); it must keep the same rows as 3.
 
 Each run is a fresh ``clip-curate`` process; wall time includes its start-up (imports, model load).
 
@@ -197,7 +200,8 @@ def main(argv=None) -> int:
     beam = [f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
     out = os.path.join(work, "out")
     refilter = os.path.join(work, "out_refilter")
-    for d in (out, refilter):
+    sweep = os.path.join(work, "out_sweep")
+    for d in (out, refilter, sweep):
         shutil.rmtree(d, ignore_errors=True)
     common = ["--clip-model", "synthetic-tiny", "--no-nsfw-concept", "--progress-seconds", "30"]
     wall1, rss1, cpu1 = run_measured(["--input", pool, "--output", out, "--min-clip-score", str(args.min_clip_score)]
@@ -208,21 +212,36 @@ def main(argv=None) -> int:
                                + common + beam, os.path.join(work, "refilter.log"))
     with open(os.path.join(refilter, "stats.json")) as f:
         s2 = json.load(f)
+    # A threshold sweep needs only the CLIP stage: curated rows already passed every other stage.
+    wall3, rss3, cpu3 = run_measured(["--input", out, "--output", sweep, "--clip-top-fraction", str(args.top_fraction),
+                                      "--stages", "clip"] + common + beam, os.path.join(work, "sweep.log"))
+    with open(os.path.join(sweep, "stats.json")) as f:
+        s3 = json.load(f)
     assert s1["input_rows"] == s1["curated_rows"] + s1["rejected_rows"] == built["rows"], s1
     assert s2["input_rows"] == s1["curated_rows"] and s2["embedded_rows"] == 0, s2
+    assert s3["input_rows"] == s1["curated_rows"] and s3["embedded_rows"] == 0, s3
     res = {
         "images": built["rows"], "shards": built["shards"], "workers": args.workers, "cpus": os.cpu_count(),
         "curate": {"wall_s": round(wall1, 1), "images_per_s": round(built["rows"] / wall1, 1),
                    "cpu_s": round(cpu1, 1), "cpu_ms_per_image": round(1000 * cpu1 / built["rows"], 2),
                    "peak_rss_mb": round(rss1 / 2**20), "embedded_rows": s1["embedded_rows"],
                    "curated_rows": s1["curated_rows"], "rejected_by": s1["rejected_by"],
-                   "pipeline_wall_s": s1["timings"].get("wall_seconds")},
+                   "pipeline_wall_s": s1["timings"].get("wall_seconds"), "stage_busy_ms": s1["timings"]},
         "refilter": {"wall_s": round(wall2, 1), "rows": s2["input_rows"], "cpu_s": round(cpu2, 1),
                      "cpu_ms_per_row": round(1000 * cpu2 / max(s2["input_rows"], 1), 2),
                      "rows_per_s": round(s2["input_rows"] / wall2, 1), "peak_rss_mb": round(rss2 / 2**20),
                      "embedded_rows": s2["embedded_rows"], "curated_rows": s2["curated_rows"],
-                     "pipeline_wall_s": s2["timings"].get("wall_seconds")},
+                     "pipeline_wall_s": s2["timings"].get("wall_seconds"), "stage_busy_ms": s2["timings"]},
+        "sweep": {"wall_s": round(wall3, 1), "rows": s3["input_rows"], "cpu_s": round(cpu3, 1),
+                  "cpu_ms_per_row": round(1000 * cpu3 / max(s3["input_rows"], 1), 2),
+                  "rows_per_s": round(s3["input_rows"] / wall3, 1), "peak_rss_mb": round(rss3 / 2**20),
+                  "embedded_rows": s3["embedded_rows"], "curated_rows": s3["curated_rows"],
+                  "same_rows_as_refilter": None},
     }
+    uids = {}
+    for name, d in (("refilter", refilter), ("sweep", sweep)):
+        uids[name] = set(pq.read_table(os.path.join(d, "curated"), columns=["uid"]).column(0).to_pylist())
+    res["sweep"]["same_rows_as_refilter"] = uids["refilter"] == uids["sweep"]
     print(json.dumps(res, indent=2))
     print("\n| run | rows | wall s | rows/s | CPU s (ms/row) | peak RSS MB (process tree) | rows through the model |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -231,6 +250,9 @@ def main(argv=None) -> int:
           f"({c['cpu_ms_per_image']}) | {c['peak_rss_mb']:,} | {c['embedded_rows']:,} |")
     print(f"| re-filter `--clip-top-fraction {args.top_fraction}` | {r['rows']:,} | {r['wall_s']} | {r['rows_per_s']} "
           f"| {r['cpu_s']} ({r['cpu_ms_per_row']}) | {r['peak_rss_mb']:,} | {r['embedded_rows']:,} |")
+    w = res["sweep"]
+    print(f"| re-filter `--clip-top-fraction {args.top_fraction} --stages clip` | {w['rows']:,} | {w['wall_s']} "
+          f"| {w['rows_per_s']} | {w['cpu_s']} ({w['cpu_ms_per_row']}) | {w['peak_rss_mb']:,} | {w['embedded_rows']:,} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -211,6 +211,10 @@ def _refilter_model(cfg: CurateConfig, plan: InputPlan, enabled: tuple[str, ...]
     out = (cfg.output.output or "").rstrip("/")
     if root and out and out.rstrip("/") == str(root).rstrip("/"):
         raise ConfigError(f"--output {out!r} is the input being re-filtered; write to another directory")
+    dedup_cfg = stages.get("dedup")
+    if opts.get("dedup_rows_taken_back") and not ("dedup" in enabled and getattr(dedup_cfg, "dedup", ())):
+        raise ConfigError(f"--include-rejected takes back {opts['dedup_rows_taken_back']} row(s) the dedup stage "
+                          "rejected: run dedup (keep it in --stages, --dedup not none) or they come back as kept")
     embed_cfg = stages.get("embed")
     if "embed" not in enabled or not _has_model(embed_cfg):
         log.info("re-filter: no embed stage; stored clip_score/embeddings are used as they are")

@@ -438,7 +438,7 @@ def _plan_curated(cfg: ReaderConfig) -> InputPlan:
     declared = set(schema.field_names("curated_row"))
     rejected_only = set(schema.field_names("rejected_row")) - declared  # stage, reason, detail
     splits, estimated, sch, models = [], 0, None, set()
-    taken_back = skipped = 0
+    taken_back = skipped = dedup_back = 0
     for path in curated + rejected:
         is_rejected = path in rejected
         try:
@@ -459,6 +459,7 @@ def _plan_curated(cfg: ReaderConfig) -> InputPlan:
                                          pc.is_valid(t.column("image_embedding")))
                     n_ok = pc.sum(ok).as_py() or 0
                     taken_back += n_ok
+                    dedup_back += pc.sum(pc.and_(ok, pc.equal(t.column("stage"), "dedup"))).as_py() or 0
                     skipped += meta.num_rows - n_ok
                     estimated += n_ok
                 else:
@@ -483,7 +484,8 @@ def _plan_curated(cfg: ReaderConfig) -> InputPlan:
         raise ConfigError(f"{root}: nothing to re-filter (no curated rows"
                           + (", no rejected rows with embeddings)" if cfg.include_rejected else ")"))
     return _plan(cfg, "curated", curated + rejected, splits, sch.names, extra, renames, estimated, "uid",
-                 {"rejected": tuple(rejected), "embed_models": tuple(sorted(models)), "out_root": root},
+                 {"rejected": tuple(rejected), "embed_models": tuple(sorted(models)), "out_root": root,
+                  "dedup_rows_taken_back": dedup_back},
                  preprocessed=True)
 
 

@@ -213,7 +213,7 @@ def test_refilter_with_another_model_recomputes_and_says_why(pool, first_pass, c
     n_back = sum(1 for r in rej0 if r["stage"] in ("clip", "dedup") and r["image_embedding"] is not None)
     out = pool["tmp"] / "out_other"
     with caplog.at_level(logging.INFO):
-        stats = run(["--input", str(out_t0), "--include-rejected", "--output", str(out), "--stages", "embed",
+        stats = run(["--input", str(out_t0), "--include-rejected", "--output", str(out), "--stages", "embed,dedup",
                      "--clip-model", "test-tiny-random"] + COMMON[2:])
     assert "recomputed" in caplog.text and "test-tiny-random" in caplog.text
     stats, cur, rej = _accounted(out)
@@ -238,11 +238,15 @@ def test_refilter_with_other_preprocessing_recomputes(pool, first_pass, caplog):
     assert stats["embedded_rows"] == stats["input_rows"] == stats["curated_rows"] > 0
 
 
-def test_refilter_refuses_its_own_input_as_output(first_pass, capsys):
+def test_refilter_refuses_its_own_input_as_output_and_dedup_less_take_back(first_pass, tmp_path, capsys):
     out_t0, _ = first_pass
     assert cli_main(["run", "--input", str(out_t0), "--output", str(out_t0)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is the input being re-filtered" in err
+    assert cli_main(["run", "--input", str(out_t0), "--include-rejected", "--stages", "clip",
+                     "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "the dedup stage rejected: run dedup" in err
 
 
 # ---------------------------------------------------------------------------------------------
