@@ -484,7 +484,8 @@ def _plan_curated(cfg: ReaderConfig) -> InputPlan:
         raise ConfigError(f"{root}: nothing to re-filter (no curated rows"
                           + (", no rejected rows with embeddings)" if cfg.include_rejected else ")"))
     return _plan(cfg, "curated", curated + rejected, splits, sch.names, extra, renames, estimated, "uid",
-                 {"rejected": tuple(rejected), "embed_models": tuple(sorted(models)), "out_root": root,
+                 {"rejected": tuple(rejected), "embed_models": tuple(sorted(models)) if has_emb else (),
+                  "out_root": root,
                   "dedup_rows_taken_back": dedup_back},
                  preprocessed=True)
 
