@@ -90,50 +90,14 @@ def build_pool(directory: str, n: int, shard_size: int, failed_fraction: float, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Measuring a process tree
+# Measuring a process tree: the helpers of bench/download_vs_img2dataset.py (same folder)
 
-def _tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(d))
-            except (OSError, ValueError, IndexError):
-                pass
-    out, stack = [], [pid]
-    while stack:
-        p = stack.pop()
-        out.append(p)
-        stack.extend(children.get(p, []))
-    return out
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from download_vs_img2dataset import _tree, cpu_seconds as _cpu_seconds, tree_memory  # noqa: E402
 
 
 def _tree_rss(pid: int) -> int:
-    total = 0
-    for p in _tree(pid):
-        try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
-
-
-def _cpu_seconds(pids: list[int]) -> dict[int, float]:
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            out[p] = (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, IndexError, ValueError):
-            pass
-    return out
+    return tree_memory(pid)[0]
 
 
 def run_measured(argv: list[str], log_path: str) -> tuple[float, int, float]:
