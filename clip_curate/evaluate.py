@@ -377,31 +377,32 @@ def flat_metrics(run: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def run_arm(name: str, pool: Pool, eval_set: EvalSet, seeds: Sequence[int], *, model_cfg: dict[str, Any],
-            preprocess_cfg: dict[str, Any], steps: int, batch_size: int, lr: float, warmup_steps: int | None,
-            device: str) -> dict[str, Any]:
-    """Train and score one arm once per seed."""
+def run_seed(name: str, pool: Pool, eval_set: EvalSet, seed: int, *, model_cfg: dict[str, Any],
+             preprocess_cfg: dict[str, Any], steps: int, batch_size: int, lr: float, warmup_steps: int | None,
+             device: str) -> dict[str, Any]:
+    """Train the proxy on one arm's pool from ``seed`` and score it on the held-out set (one run)."""
     from clip_curate import train
 
-    runs = []
-    for seed in seeds:
-        log.info("%s arm, seed %d: training %d steps x %d on %d pairs", name, seed, steps, batch_size, len(pool.captions))
-        t0 = time.time()
-        model = train.train_clip(pool.pixels, pool.captions, model_cfg=model_cfg, preprocess_cfg=preprocess_cfg,
-                                 steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
-                                 device=device, log=lambda s: log.info("%s seed %d: %s", name, seed, s),
-                                 log_every=max(1, steps // 5))
-        train_s = time.time() - t0
-        scored = score_model(model, eval_set, model_cfg=model_cfg, preprocess_cfg=preprocess_cfg, device=device)
-        runs.append({"seed": seed, "train_s": round(train_s, 1), **scored})
-        log.info("%s arm, seed %d: zero-shot mean %.3f %s, retrieval %s (%.0fs)", name, seed, scored["zero_shot_mean"],
-                 json.dumps({k: round(v, 3) for k, v in scored["zero_shot"].items()}),
-                 json.dumps({k: round(v, 3) for k, v in scored.get("retrieval", {}).items()}), train_s)
-    metrics = [flat_metrics(r) for r in runs]
-    summary = {k: summarize([m[k] for m in metrics]) for k in metrics[0]}
+    log.info("%s arm, seed %d: training %d steps x %d on %d pairs", name, seed, steps, batch_size, len(pool.captions))
+    t0 = time.time()
+    model = train.train_clip(pool.pixels, pool.captions, model_cfg=model_cfg, preprocess_cfg=preprocess_cfg,
+                             steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
+                             device=device, log=lambda s: log.info("%s seed %d: %s", name, seed, s),
+                             log_every=max(1, steps // 5))
+    train_s = time.time() - t0
+    scored = score_model(model, eval_set, model_cfg=model_cfg, preprocess_cfg=preprocess_cfg, device=device)
+    log.info("%s arm, seed %d: zero-shot mean %.3f %s, retrieval %s (%.0fs)", name, seed, scored["zero_shot_mean"],
+             json.dumps({k: round(v, 3) for k, v in scored["zero_shot"].items()}),
+             json.dumps({k: round(v, 3) for k, v in scored.get("retrieval", {}).items()}), train_s)
+    return {"seed": seed, "train_s": round(train_s, 1), **scored}
+
+
+def arm_result(pool: Pool, runs: list[dict[str, Any]], metrics: list[dict[str, float]], *, steps: int,
+               batch_size: int) -> dict[str, Any]:
+    """One arm of ``evaluation.json``: its pool, every run, and the per-metric summary over seeds."""
     return {"source": pool.source, "source_kind": pool.kind, "pairs": len(pool.captions),
             "epochs": steps * batch_size / len(pool.captions), "load_s": round(pool.load_s, 1),
-            "runs": runs, "summary": summary}
+            "runs": runs, "summary": {k: summarize([m[k] for m in metrics]) for k in metrics[0]}}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -474,29 +475,25 @@ def evaluate(raw: Pool, curated: Pool, eval_set: EvalSet, *, seeds: Sequence[int
 
     model_cfg = copy.deepcopy(model_cfg or PROXY_MODEL_CFG)
     preprocess_cfg = dict(preprocess_cfg or train.TINY_PREPROCESS_CFG)
-    for name, pool in (("raw", raw), ("curated", curated)):
+    pools = {"raw": raw, "curated": curated}
+    for name, pool in pools.items():
         if len(pool.captions) < batch_size:
             raise ConfigError(f"--batch-size {batch_size} is larger than the {name} pool ({len(pool.captions)} "
                               "pairs); lower --batch-size so both arms see the same samples")
         if len(pool.captions) < 2:
             raise ConfigError(f"the {name} pool has {len(pool.captions)} pairs; need at least 2")
     t0 = time.time()
-    common = dict(eval_set=eval_set, seeds=list(seeds), model_cfg=model_cfg, preprocess_cfg=preprocess_cfg,
-                  steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, device=device)
-    arms: dict[str, dict[str, Any]] = {}
+    common = dict(model_cfg=model_cfg, preprocess_cfg=preprocess_cfg, steps=steps, batch_size=batch_size, lr=lr,
+                  warmup_steps=warmup_steps, device=device)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in pools}
     for seed in seeds:  # seed-major, so an interrupted run still has paired results in its log
-        for name, pool in (("raw", raw), ("curated", curated)):
-            one = run_arm(name, pool, **{**common, "seeds": [seed]})
-            if name in arms:
-                arms[name]["runs"] += one["runs"]
-            else:
-                arms[name] = one
-    for arm in arms.values():
-        metrics = [flat_metrics(r) for r in arm["runs"]]
-        arm["summary"] = {k: summarize([m[k] for m in metrics]) for k in metrics[0]}
+        for name, pool in pools.items():
+            runs[name].append(run_seed(name, pool, eval_set, seed, **common))
+    metrics = {name: [flat_metrics(r) for r in runs[name]] for name in pools}
+    arms = {name: arm_result(pool, runs[name], metrics[name], steps=steps, batch_size=batch_size)
+            for name, pool in pools.items()}
     keys = list(arms["raw"]["summary"])
-    runs = {a: [flat_metrics(r) for r in arms[a]["runs"]] for a in arms}
-    comparison = {k: compare([m[k] for m in runs["raw"]], [m[k] for m in runs["curated"]]) for k in keys}
+    comparison = {k: compare([m[k] for m in metrics["raw"]], [m[k] for m in metrics["curated"]]) for k in keys}
     chance = {f"zero_shot/{a}": 1 / len(c) for a, c in eval_set.classes.items()}
     chance["zero_shot_mean"] = float(np.mean(list(chance.values())))
     n = len(eval_set)
