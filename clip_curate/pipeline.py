@@ -144,12 +144,14 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
         log.info("stages: image stage added: the pool's rows carry raw image bytes that embed/dedup/safety "
                  "read only after decode and resize")
         enabled = tuple(s for s in STAGES if s in enabled or s == "image")
-    stage_cfgs = _refilter_model(cfg, plan, enabled)
+    embed_cfg = cfg.stages.get("embed")
+    identity = embedding_identity(embed_cfg) if "embed" in enabled and _has_model(embed_cfg) else None
+    stage_cfgs = _refilter_model(cfg, plan, enabled, identity)
     for name in enabled:
         stage_cfg = stage_cfgs.get(name)
         if stage_cfg is None or name in skip:
             continue
-        if name == "embed" and getattr(stage_cfg, "clip_model", "none") in ("none", ""):
+        if name == "embed" and not _has_model(stage_cfg):
             continue
         transform = _stage_transform(name, stage_cfg, {**stage_cfgs, "_estimated_rows": plan.estimated_rows})
         if transform is None:
@@ -173,8 +175,8 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
     all_rejected | "WriteRejected" >> WriteParquetTable(join(out, "rejected"), rejected_schema(extra, store),
                                                         n_cur, shard_prefix, "rejected_rows")
     stats_extra: dict[str, Any] = {"stages": list(enabled), "input_format": plan.fmt}
-    if "embed" in enabled and _has_model(stage_cfgs.get("embed")):
-        stats_extra["embedding"] = embedding_identity(stage_cfgs["embed"])
+    if identity is not None:
+        stats_extra["embedding"] = identity
     (input_rows, rows, all_rejected) | "Stats" >> WriteStats(out, stats_extra)
     if cfg.run.audit:
         from clip_curate.audit import BiasAudit
@@ -200,27 +202,28 @@ def embedding_identity(embed_cfg: Any) -> dict[str, Any]:
     return {"embed_model": embed_model_key(embed_cfg), "preprocess": preprocess}
 
 
-def _refilter_model(cfg: CurateConfig, plan: InputPlan, enabled: tuple[str, ...]) -> dict[str, Any]:
+def _refilter_model(cfg: CurateConfig, plan: InputPlan, enabled: tuple[str, ...],
+                    ident: dict[str, Any] | None) -> dict[str, Any]:
     """Stage configs for this run; with a clip-curate output as input, say whether its stored embeddings
-    are reused (same model, same preprocessing) or recomputed, and why."""
+    are reused (same model, same preprocessing) or recomputed, and why. ``ident``: this run's
+    :func:`embedding_identity` (None without an embedding model)."""
     stages = dict(cfg.stages)
     if plan.fmt != "curated":
         return stages
     opts = dict(plan.options)
     root = opts.get("out_root")
     out = (cfg.output.output or "").rstrip("/")
-    if root and out and out.rstrip("/") == str(root).rstrip("/"):
+    if root and out and out == str(root).rstrip("/"):
         raise ConfigError(f"--output {out!r} is the input being re-filtered; write to another directory")
     dedup_cfg = stages.get("dedup")
     if opts.get("dedup_rows_taken_back") and not ("dedup" in enabled and getattr(dedup_cfg, "dedup", ())):
         raise ConfigError(f"--include-rejected takes back {opts['dedup_rows_taken_back']} row(s) the dedup stage "
                           "rejected: run dedup (keep it in --stages, --dedup not none) or they come back as kept")
-    embed_cfg = stages.get("embed")
-    if "embed" not in enabled or not _has_model(embed_cfg):
+    if ident is None:
         log.info("re-filter: no embed stage; stored clip_score/embeddings are used as they are")
         return stages
+    embed_cfg = stages["embed"]
     stored = tuple(opts.get("embed_models") or ())
-    ident = embedding_identity(embed_cfg)
     key = ident["embed_model"]
     if not embed_cfg.reuse_embeddings:
         log.info("re-filter: --no-reuse-embeddings: every row is embedded again with %s", key)
