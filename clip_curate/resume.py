@@ -64,20 +64,19 @@ def temp_files(out_dir: str, sub: str) -> tuple[list[str], list[str]]:
         for path in _match(_join(out_dir, sub, pattern, "*")):
             dirs.add(path.rsplit("/", 1)[0])
             files.append(path)
-        dirs.update(_empty_dirs(_join(out_dir, sub, pattern)))
+        dirs.update(_matching_dirs(_join(out_dir, sub, pattern)))
     return sorted(dirs), sorted(files)
 
 
-def _empty_dirs(pattern: str) -> list[str]:
-    """Directories matching ``pattern`` (Beam's match lists files only; a run killed before its first
-    bundle finished leaves empty temporary directories on local disk and HDFS-like file systems)."""
+def _matching_dirs(pattern: str) -> list[str]:
+    """Directories matching ``pattern``, empty ones included (Beam's match lists files only; a run killed
+    before its first bundle finished leaves empty temporary directories on local disk and HDFS-like
+    file systems)."""
     import fsspec
 
     try:
         fs, path = fsspec.core.url_to_fs(pattern)
-        protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
-        return [protocol + p if protocol and not p.startswith(protocol) else p
-                for p in fs.glob(path) if fs.isdir(p)]
+        return [fs.unstrip_protocol(p) if "://" in pattern else p for p in fs.glob(path) if fs.isdir(p)]
     except (OSError, ValueError, ImportError):
         return []
 
@@ -124,9 +123,7 @@ def adopt_incomplete_outputs(out_dir: str, prefix: str | None = None) -> AdoptRe
     report = AdoptReport()
     found = {sub: temp_files(out_dir, sub) for sub in SUBDIRS}
     if not any(files for _, files in found.values()):
-        for sub in SUBDIRS:  # a run killed before any bundle finished leaves empty temporary directories
-            if found[sub][0]:
-                FileSystems.delete(found[sub][0])
+        _delete_temp_dirs(found)  # a run killed before any bundle finished leaves empty temporary directories
         return report
     prefix = prefix or unused_prefix(out_dir, "part-a")
     seen: set[str] = set()
@@ -160,14 +157,18 @@ def adopt_incomplete_outputs(out_dir: str, prefix: str | None = None) -> AdoptRe
             report.written.append(final)
             report.adopted_rows[sub] += table.num_rows
             n += 1
-    for sub in SUBDIRS:
-        if found[sub][0]:
-            FileSystems.delete(found[sub][0])
+    _delete_temp_dirs(found)
     log.info("resume: adopted %d curated + %d rejected rows from %d complete temporary files of an earlier run "
              "(%d incomplete files ignored, %d rows already present)", report.adopted_rows["curated"],
              report.adopted_rows["rejected"], report.complete_files, report.incomplete_files,
              report.duplicate_rows)
     return report
+
+
+def _delete_temp_dirs(found: dict[str, tuple[list[str], list[str]]]) -> None:
+    for dirs, _ in found.values():
+        if dirs:
+            FileSystems.delete(dirs)
 
 
 def unused_prefix(out_dir: str, stem: str) -> str:
