@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -169,19 +170,23 @@ def cpu_seconds(pids: list[int]) -> dict[int, float]:
     return out
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, float]:
+def run_measured(cmd: list[str], env: dict | None = None, *, log_path: str | None = None, interval: float = 0.25,
+                 on_sample: Callable[[float, int, int], None] | None = None) -> tuple[float, int, int, float]:
     """Run ``cmd``; (wall seconds, peak RSS sum, peak PSS sum, CPU seconds) of its process tree.
 
     CPU seconds: the last sampled user+system time of every process of the tree, plus what the tool's
     reaped children reported (``RUSAGE_CHILDREN``), whichever is larger; a shared machine's load barely
-    changes it, unlike wall time."""
+    changes it, unlike wall time. ``log_path``: the command's stdout and stderr go there (else stdout is
+    dropped and stderr kept for the error message). ``on_sample(seconds, rss, pss)`` sees every sample."""
     import resource
 
     peak_rss = peak_pss = 0
     cpu_by_pid: dict[int, float] = {}
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    log = open(log_path, "w") if log_path else None
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.PIPE,
+                            env=env)
     done = threading.Event()
     err_chunks: list[bytes] = []
 
@@ -195,8 +200,12 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, i
             rss, pss = tree_memory(proc.pid)
             peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
             cpu_by_pid.update(cpu_seconds(_tree(proc.pid)))
-            done.wait(0.25)
-    threads = [threading.Thread(target=drain, daemon=True), threading.Thread(target=sample, daemon=True)]
+            if on_sample:
+                on_sample(time.monotonic() - t0, rss, pss)
+            done.wait(interval)
+    threads = [threading.Thread(target=sample, daemon=True)]
+    if not log:
+        threads.append(threading.Thread(target=drain, daemon=True))
     for t in threads:
         t.start()
     proc.wait()
@@ -204,8 +213,15 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, i
     done.set()
     for t in threads:
         t.join()
+    if log:
+        log.close()
     if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}):\n{b''.join(err_chunks).decode()[-3000:]}")
+        if log_path:
+            with open(log_path, errors="replace") as f:
+                tail = f.read()[-3000:]
+        else:
+            tail = b"".join(err_chunks).decode(errors="replace")[-3000:]
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}):\n{tail}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     reaped = (after.ru_utime - children_before.ru_utime) + (after.ru_stime - children_before.ru_stime)
     return wall, peak_rss, peak_pss, max(reaped, sum(cpu_by_pid.values()))

@@ -25,11 +25,9 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 
 import pyarrow as pa
@@ -90,49 +88,18 @@ def build_pool(directory: str, n: int, shard_size: int, failed_fraction: float, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Measuring a process tree: the helpers of bench/download_vs_img2dataset.py (same folder)
+# Measuring a process tree: the sampler of bench/download_vs_img2dataset.py (same folder)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from download_vs_img2dataset import _tree, cpu_seconds as _cpu_seconds, tree_memory  # noqa: E402
-
-
-def _tree_rss(pid: int) -> int:
-    return tree_memory(pid)[0]
+from download_vs_img2dataset import run_measured as _run_tree_measured  # noqa: E402
 
 
 def run_measured(argv: list[str], log_path: str) -> tuple[float, int, float]:
     """Run ``clip-curate run ARGV``; (wall seconds, peak RSS summed over its process tree in bytes, CPU
     seconds of the tree: user + system, children included; unlike wall time, barely moved by other load)."""
-    import resource
-
-    cmd = [sys.executable, "-m", "clip_curate.cli", "run"] + argv
-    peak = 0
-    cpu: dict[int, float] = {}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.monotonic()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        done = threading.Event()
-
-        def sample():
-            nonlocal peak
-            while not done.is_set():
-                pids = _tree(proc.pid)
-                peak = max(peak, _tree_rss(proc.pid))
-                cpu.update(_cpu_seconds(pids))
-                done.wait(0.5)
-        t = threading.Thread(target=sample, daemon=True)
-        t.start()
-        proc.wait()
-        done.set()
-        t.join()
-    wall = time.monotonic() - t0
-    if proc.returncode:
-        with open(log_path) as f:
-            raise SystemExit(f"clip-curate run failed ({proc.returncode}):\n{f.read()[-3000:]}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    own = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)  # the child + what it reaped
-    return wall, peak, max(own, sum(cpu.values()))
+    wall, rss, _, cpu = _run_tree_measured([sys.executable, "-m", "clip_curate.cli", "run"] + argv,
+                                           log_path=log_path, interval=0.5)
+    return wall, rss, cpu
 
 
 def main(argv=None) -> int:

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import pyarrow.parquet as pq
@@ -32,41 +30,26 @@ import pyarrow.parquet as pq
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from download_vs_img2dataset import tree_memory  # noqa: E402  (same folder)
+from download_vs_img2dataset import run_measured  # noqa: E402  (same folder)
 
 
 def measure(cmd: list[str], log_path: str, interval: float = 0.5) -> dict:
-    """Run ``cmd``; sample the process tree's memory until it exits."""
+    """Run ``cmd``; sample the process tree's memory until it exits (also written live to LOG.rss.tsv)."""
     samples: list[tuple[float, int, int]] = []
-    t0 = time.monotonic()
-    trace = open(log_path + ".rss.tsv", "w")  # seconds, RSS, PSS (bytes): readable while the run goes on
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        done = threading.Event()
+    with open(log_path + ".rss.tsv", "w") as trace:  # seconds, RSS, PSS (bytes): readable during the run
 
-        def sample():
-            while not done.is_set():
-                rss, pss = tree_memory(proc.pid)
-                samples.append((time.monotonic() - t0, rss, pss))
-                trace.write(f"{samples[-1][0]:.1f}\t{rss}\t{pss}\n")
-                trace.flush()
-                done.wait(interval)
+        def on_sample(t: float, rss: int, pss: int) -> None:
+            samples.append((t, rss, pss))
+            trace.write(f"{t:.1f}\t{rss}\t{pss}\n")
+            trace.flush()
 
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        rc = proc.wait()
-        done.set()
-        th.join()
-    trace.close()
-    wall = time.monotonic() - t0
-    if rc != 0:
-        raise SystemExit(f"run failed (exit {rc}); see {log_path}")
+        wall, peak_rss, peak_pss, _ = run_measured(cmd, log_path=log_path, interval=interval, on_sample=on_sample)
 
     def at(frac: float) -> int:
         t = frac * wall
         return min(samples, key=lambda s: abs(s[0] - t))[1] if samples else 0
 
-    return {"wall_s": wall, "peak_rss": max(s[1] for s in samples), "peak_pss": max(s[2] for s in samples),
+    return {"wall_s": wall, "peak_rss": peak_rss, "peak_pss": peak_pss,
             "rss_10": at(0.1), "rss_50": at(0.5), "rss_90": at(0.9),
             "timeline": [(round(t, 1), r) for t, r, _ in samples[:: max(1, len(samples) // 40)]]}
 
