@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from clip_curate import records, schema
 from clip_curate.options import ConfigError
-from clip_curate.reader import RESERVED, InputPlan, ReaderConfig, Split
+from clip_curate.reader import RESERVED, InputPlan, ReaderConfig, Split, as_text
 
 log = logging.getLogger(__name__)
 
@@ -248,17 +248,11 @@ def _coerce(value: Any, t: pa.DataType) -> Any:
     return value
 
 
-def _text(v: Any) -> str | None:
-    if v is None:
-        return None
-    return v if isinstance(v, str) else str(v)
-
-
 def _make_row(plan: InputPlan, opts: dict, meta: dict[str, Any], caption: str | None, where: str) -> dict[str, Any]:
     """uid / url / caption / carried columns of one pool sample. ``where`` names the sample when it
     has no URL (uid = hash(where, caption)), e.g. ``00012.tar/000120034``."""
-    url = _text(meta.get(plan.url_col))
-    uid = _text(meta.get(plan.uid_col)) if plan.uid_col else None
+    url = as_text(meta.get(plan.url_col))
+    uid = as_text(meta.get(plan.uid_col)) if plan.uid_col else None
     row = {"uid": uid or records.make_uid(url if url else where, caption),
            "url": url.strip() if url else None, "caption": caption}
     types = opts["types"]
@@ -528,10 +522,10 @@ def _read_parquet_pool(split: Split, plan: InputPlan, opts: dict) -> Iterator[di
                 path = None
                 if struct and isinstance(image, dict):
                     path, image = image.get("path"), image.get("bytes")
-                caption = _text(raw.get(plan.caption_col))
+                caption = as_text(raw.get(plan.caption_col))
                 row = _make_row(plan, opts, raw, caption, f"{rel}#{index}")
                 if status_col and raw.get(status_col) != SUCCESS:
-                    yield _reject(row, "source_failed", _text(raw.get("error_message")) or
+                    yield _reject(row, "source_failed", as_text(raw.get("error_message")) or
                                   f"img2dataset status {raw.get(status_col)!r}")
                 elif not image:
                     yield _reject(row, "missing_image", f"{rel} row {index}: column {col!r} holds no image bytes"
@@ -678,8 +672,8 @@ def _read_tar_split(path: str, plan: InputPlan, opts: dict) -> Iterator[dict[str
     for key, raw in list(expected.items()):
         if raw.get("status") != SUCCESS:
             expected.pop(key)
-            row = _make_row(plan, opts, raw, _text(raw.get(plan.caption_col)), f"{rel}/{key}")
-            yield _reject(row, "source_failed", _text(raw.get("error_message")) or f"img2dataset status "
+            row = _make_row(plan, opts, raw, as_text(raw.get(plan.caption_col)), f"{rel}/{key}")
+            yield _reject(row, "source_failed", as_text(raw.get("error_message")) or f"img2dataset status "
                                                                                      f"{raw.get('status')!r}")
     regions: list[tuple[int, int, str]] = []
     want = opts.get("image_ext")
@@ -693,7 +687,7 @@ def _read_tar_split(path: str, plan: InputPlan, opts: dict) -> Iterator[dict[str
         meta.update(sample["meta"] or {})
         meta.setdefault("key", base_key)
         files = sample["files"]
-        caption = _text(meta.get(plan.caption_col)) if plan.caption_col in meta else None
+        caption = as_text(meta.get(plan.caption_col)) if plan.caption_col in meta else None
         if caption is None and "txt" in files:
             caption = files["txt"].decode("utf-8", "replace")
         row = _make_row(plan, opts, meta, caption, f"{rel}/{key}")
@@ -719,7 +713,7 @@ def _read_tar_split(path: str, plan: InputPlan, opts: dict) -> Iterator[dict[str
         log.warning("input: shard %s is damaged: %s", path, _describe(regions))
     # Samples img2dataset wrote that the tar no longer holds: named by the metadata parquet.
     for key, raw in expected.items():
-        row = _make_row(plan, opts, raw, _text(raw.get(plan.caption_col)), f"{rel}/{key}")
+        row = _make_row(plan, opts, raw, as_text(raw.get(plan.caption_col)), f"{rel}/{key}")
         yield _reject(row, "corrupt_shard", f"{rel}: sample {key} is listed as written in "
                                             f"{posixpath.basename(metadata[path])} but is not readable from the "
                                             f"tar ({_describe(regions) or 'missing'})")

@@ -307,7 +307,8 @@ def _raw_records(split: Split) -> Iterator[dict[str, Any]]:
                     yield obj if isinstance(obj, dict) else {"__unreadable__": f"{split.path}:{lineno}: not an object"}
 
 
-def _text(value: Any) -> str | None:
+def as_text(value: Any) -> str | None:
+    """A cell as text (None stays None): ids and captions may be stored as numbers."""
     if value is None:
         return None
     return value if isinstance(value, str) else str(value)
@@ -315,9 +316,9 @@ def _text(value: Any) -> str | None:
 
 def to_row(raw: dict[str, Any], plan: InputPlan) -> dict[str, Any]:
     """Input record -> pipeline row (uid, url, caption, carried columns)."""
-    url = _text(raw.get(plan.url_col))
-    caption = _text(raw.get(plan.caption_col))
-    uid = _text(raw.get(plan.uid_col)) if plan.uid_col else None
+    url = as_text(raw.get(plan.url_col))
+    caption = as_text(raw.get(plan.caption_col))
+    uid = as_text(raw.get(plan.uid_col)) if plan.uid_col else None
     row = {"uid": uid or records.make_uid(url, caption), "url": url.strip() if url else url, "caption": caption}
     for src, dst in plan.extra_renames:
         row[dst] = raw.get(src)
