@@ -19,8 +19,9 @@ rejected, each input row exactly once.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -140,7 +141,44 @@ def _decide_bucket(kv, kind: str, threshold: float, max_group: int = 0):
     if max_group and len(members) > max_group:
         beam.metrics.Metrics.counter(NS, f"dedup_{kind}_groups_over_max").inc()
     beam.metrics.Metrics.distribution(NS, f"dedup_{kind}_group_size").update(len(members))
-    return bucket_decisions(members, kind, threshold)
+    prior = {m[0] for m in members if _is_prior(m[1])}
+    for uid, decision in bucket_decisions(members, kind, threshold):
+        if uid not in prior:  # rows of earlier runs are final: they only drop, never get dropped
+            yield uid, decision
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows of earlier runs (--resume, --chunk-rows): they take part in the keys as already-decided rows
+
+PRIOR_SCORE = -math.inf  # rank of an earlier run's row: better than any row of this run
+PRIOR_COLUMNS = ("uid", "url", "caption", "stage", "sha256", "phash", "image_embedding", "clip_score",
+                 "width", "height", "original_width", "original_height")
+
+
+def _is_prior(rank) -> bool:
+    return rank[0] == PRIOR_SCORE
+
+
+def prior_records(item: tuple[str, str], stages: Sequence[str]) -> Iterator[dict]:
+    """Compact records of one earlier output shard ``(sub, path)``: every curated row, and the rejected
+    rows whose ``stage`` is in ``stages`` (the rows that reached the dedup stage). They rank before
+    every row of this run; ``dropped`` marks the ones an earlier dedup rejected."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    sub, path = item
+    with FileSystems.open(path) as f:
+        pf = pq.ParquetFile(f)
+        cols = [c for c in PRIOR_COLUMNS if c in pf.schema_arrow.names]
+        for batch in pf.iter_batches(batch_size=2048, columns=cols):
+            for row in batch.to_pylist():
+                stage = row.get("stage")
+                if sub == "rejected" and stage not in stages:
+                    continue
+                m = _compact(row)
+                m["rank"] = (PRIOR_SCORE, *m["rank"][1:])
+                m["dropped"] = sub == "rejected" and stage == "dedup"
+                yield m
 
 
 def _embedding_item(m: dict):
@@ -275,26 +313,37 @@ class Dedup(beam.PTransform):
     construction with ConfigError.
     """
 
-    def __init__(self, config: DedupConfig, estimated_rows: int | None = None, seed: int = 0):
+    def __init__(self, config: DedupConfig, estimated_rows: int | None = None, seed: int = 0,
+                 prior_shards: Sequence[tuple[str, str]] = (), prior_stages: Sequence[str] = ("dedup",)):
         super().__init__()
         self._cfg = config
         self._seed = seed
         self._eval = load_eval_set(config.decontaminate) if config.decontaminate else None
+        self._prior = tuple(prior_shards)
+        self._prior_stages = tuple(prior_stages)
 
     def expand(self, rows):
         cfg = self._cfg
         keyed_rows = rows | "CountIn" >> beam.Map(_count_in)
         compact = keyed_rows | "Compact" >> beam.Map(lambda kv: _compact(kv[1]))
+        prior_dropped = None
+        members = compact  # rows that take part in the keys: this run's, and the earlier runs' outputs
+        if self._prior:
+            prior = (rows.pipeline | "PriorShards" >> beam.Create(list(self._prior))
+                     | "PriorRows" >> beam.FlatMap(prior_records, self._prior_stages))
+            members = (compact, prior) | "WithPrior" >> beam.Flatten()
+            prior_dropped = (prior | "PriorDropped" >> beam.Filter(lambda m: m["dropped"])
+                             | "PriorDroppedMarks" >> beam.Map(lambda m: (m["uid"], True)))
         decisions = []
         if "exact" in cfg.dedup:
             decisions.append(
-                compact
+                members
                 | "ExactKeys" >> beam.FlatMap(_exact_keyed, cfg.dedup_caption_pairs)
                 | "ExactGroup" >> beam.GroupByKey()
                 | "ExactDecide" >> beam.FlatMap(_decide_bucket, "exact", 0))
         if "near" in cfg.dedup:
             decisions.append(
-                compact
+                members
                 | "NearKeys" >> beam.ParDo(_NearKeys(cfg.near_dup_hamming))
                 | "NearGroup" >> beam.GroupByKey()
                 | "NearDecide" >> beam.FlatMap(_decide_bucket, "near", cfg.near_dup_hamming))
@@ -304,7 +353,7 @@ class Dedup(beam.PTransform):
             sample = items | "SemSample" >> beam.combiners.Top.Of(cfg.semantic_sample, key=lambda t: (t[0], t[1]))
             model = sample | "SemFit" >> beam.Map(_fit, beam.pvalue.AsSingleton(n_rows), cfg, self._seed)
             decisions.append(
-                compact
+                members
                 | "SemBatch" >> beam.BatchElements(min_batch_size=64, max_batch_size=2048)
                 | "SemKeys" >> beam.ParDo(_SemanticKeys(), beam.pvalue.AsSingleton(model))
                 | "SemGroup" >> beam.GroupByKey()
@@ -321,6 +370,8 @@ class Dedup(beam.PTransform):
                       | "DecisionsByUid" >> beam.GroupByKey()
                       | "DecisionLists" >> beam.MapTuple(lambda x, ds: (x, sorted(set(ds), key=repr))))
             marks = by_uid | "DroppedMarks" >> beam.MapTuple(lambda x, _: (x, True))
+            if prior_dropped is not None:
+                marks = (marks, prior_dropped) | "AllDroppedMarks" >> beam.Flatten()
             asks = by_uid | "AskKept" >> beam.FlatMap(_asks)
             kept = ({"dropped": marks, "asked_by": asks}
                     | "JoinDroppers" >> beam.CoGroupByKey()

@@ -36,6 +36,9 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "safety": ("clip_curate.safety", "SafetyConfig", "SafetyCheck"),
 }
 NEEDS_EMBEDDINGS = ("clip",)
+#: Stages whose rejected rows had reached dedup: with earlier outputs (--resume, --chunk-rows) those rows
+#: and every curated row take part in this run's dedup keys.
+DEDUP_ONWARD = tuple(list(STAGES)[list(STAGES).index("dedup"):])
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,13 @@ class RunConfig:
                               "write new shards beside the old ones")
     log_level: str = opt("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     progress_seconds: float = opt(10.0, "seconds between progress lines (0 = off)")
+    chunk_rows: int = opt(0, "run the input in passes of about this many rows (picked by uid hash), one Beam "
+                             "job each, so a local run's memory stays flat however large the input; dedup "
+                             "spans the passes; 0 = one pass")
 
     def __post_init__(self):
+        if not isinstance(self.chunk_rows, int) or self.chunk_rows < 0:
+            raise ConfigError(f"--chunk-rows must be an integer >= 0 (0 = one pass), got {self.chunk_rows!r}")
         unknown = [s for s in self.stages if s not in ("all", "none") and s not in STAGES]
         if unknown:
             raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from all,none,{','.join(STAGES)}")
@@ -72,6 +80,25 @@ def stage_config_classes() -> dict[str, type]:
                 raise
             log.debug("stage %s unavailable: %s", name, exc)
     return out
+
+
+def plan_passes(cfg: "CurateConfig", estimated_rows: int) -> int:
+    """How many passes ``--chunk-rows`` makes of an input of ``estimated_rows`` (1 without it).
+
+    Raises ConfigError for settings that need every row in one job."""
+    if not cfg.run.chunk_rows or estimated_rows <= cfg.run.chunk_rows:
+        return 1
+    clip = cfg.stages.get("clip")
+    if "clip" in cfg.run.enabled() and getattr(clip, "clip_top_fraction", None) is not None:
+        raise ConfigError("--clip-top-fraction ranks every row of the input in one job, so it cannot run in "
+                          "--chunk-rows passes: use --min-clip-score, or drop --chunk-rows (a distributed runner "
+                          "keeps memory flat without it)")
+    dedup = cfg.stages.get("dedup")
+    if ("dedup" in cfg.run.enabled() and "semantic" in getattr(dedup, "dedup", ())
+            and not cfg.output.store_embeddings):
+        raise ConfigError("--dedup semantic across --chunk-rows passes compares rows with the earlier passes' "
+                          "stored image_embedding: drop --no-store-embeddings (or --chunk-rows)")
+    return -(-estimated_rows // cfg.run.chunk_rows)
 
 
 @dataclass(frozen=True)
@@ -115,15 +142,21 @@ def _stage_transform(name: str, cfg: Any, ctx: dict[str, Any]):
     if name == "safety":
         return getattr(mod, transform_cls)(cfg, model_config=ctx.get("embed"))
     if name == "dedup":
-        return getattr(mod, transform_cls)(cfg, estimated_rows=ctx.get("_estimated_rows", 100_000)) if cfg.active else None
+        if not cfg.active:
+            return None
+        return getattr(mod, transform_cls)(cfg, estimated_rows=ctx.get("_estimated_rows", 100_000),
+                                           prior_shards=ctx.get("_prior_shards", ()), prior_stages=DEDUP_ONWARD)
     if name == "clip" and not cfg.active:
         return None
     return getattr(mod, transform_cls)(cfg)
 
 
 def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_prefix: str = "part",
-                   existing_uids=None) -> dict[str, Any]:
-    """Add the curation graph to ``p``; returns its main PCollections (for tests and the audit)."""
+                   existing_uids=None, prior_shards: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
+    """Add the curation graph to ``p``; returns its main PCollections (for tests and the audit).
+
+    ``existing_uids``: uids already in the output (skipped); ``prior_shards``: ``(sub, path)`` of the
+    output's earlier shards, whose rows take part in dedup as already-decided rows."""
     out = cfg.output.output
     rows, read_rejected = p | "Read" >> ReadUrlList(plan)
     input_rows = (rows, read_rejected) | "AllInputRows" >> beam.Flatten()
@@ -153,7 +186,8 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
             continue
         if name == "embed" and not _has_model(stage_cfg):
             continue
-        transform = _stage_transform(name, stage_cfg, {**stage_cfgs, "_estimated_rows": plan.estimated_rows})
+        transform = _stage_transform(name, stage_cfg, {**stage_cfgs, "_estimated_rows": plan.estimated_rows,
+                                                       "_prior_shards": prior_shards})
         if transform is None:
             continue
         rows, stage_rejected = rows | name.capitalize() >> transform

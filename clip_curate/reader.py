@@ -93,6 +93,7 @@ class InputPlan:
     has_images: bool = False             # rows carry image_bytes (pools): no download stage
     preprocessed: bool = False           # rows carry the processed image (curated input): no image stage
     options: tuple[tuple[str, Any], ...] = ()  # format-specific settings (pools)
+    part: tuple[int, int] | None = None  # (k, n): read only rows whose uid hash is k mod n (--chunk-rows)
 
 
 def _strip_compression(path: str) -> str:
@@ -325,8 +326,25 @@ def to_row(raw: dict[str, Any], plan: InputPlan) -> dict[str, Any]:
     return row
 
 
+def in_part(uid: str, part: tuple[int, int] | None) -> bool:
+    """Whether a row belongs to pass ``part = (k, n)`` of a chunked run (every row is in exactly one)."""
+    if part is None:
+        return True
+    from clip_curate.dedup_core import uid_hash
+    return uid_hash(uid) % part[1] == part[0]
+
+
 def read_split(split: Split, plan: InputPlan) -> Iterator[dict[str, Any]]:
-    """Rows of one split. Unparseable lines come out as rows flagged for rejection (``__unreadable__``)."""
+    """Rows of one split (of this pass, ``plan.part``). Unparseable lines come out as rows flagged for
+    rejection (``__unreadable__``)."""
+    rows = _split_rows(split, plan)
+    if plan.part is None:
+        yield from rows
+    else:
+        yield from (row for row in rows if in_part(row["uid"], plan.part))
+
+
+def _split_rows(split: Split, plan: InputPlan) -> Iterator[dict[str, Any]]:
     if split.fmt in POOL_FORMATS:
         from clip_curate import pools
         yield from pools.read_pool_split(split, plan)

@@ -10,17 +10,25 @@ from clip_curate import records
 log = logging.getLogger(__name__)
 
 
-def query_counters(result) -> dict[str, int]:
-    """Committed (or attempted, where the runner has no committed values) counters of our namespace."""
+def _query(result, kind: str, warn: bool = False) -> list:
+    """``kind`` ("counters"/"distributions") metrics of our namespace from one result or a list of
+    results (the passes of a ``--chunk-rows`` run)."""
     from apache_beam.metrics.metric import MetricsFilter
 
-    try:
-        res = result.metrics().query(MetricsFilter().with_namespace(records.METRICS_NAMESPACE))
-    except Exception as exc:  # some runners expose no metrics; the counts in stats.json still hold
-        log.warning("metrics unavailable from this runner: %s", exc)
-        return {}
+    out = []
+    for r in result if isinstance(result, (list, tuple)) else [result]:
+        try:
+            out.extend(r.metrics().query(MetricsFilter().with_namespace(records.METRICS_NAMESPACE)).get(kind, []))
+        except Exception as exc:  # some runners expose no metrics; the counts in stats.json still hold
+            if warn:
+                log.warning("metrics unavailable from this runner: %s", exc)
+    return out
+
+
+def query_counters(result) -> dict[str, int]:
+    """Committed (or attempted, where the runner has no committed values) counters of our namespace."""
     out: dict[str, int] = {}
-    for c in res.get("counters", []):
+    for c in _query(result, "counters", warn=True):
         value = c.committed if c.committed is not None else c.attempted
         out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value or 0)
     return dict(sorted(out.items()))
@@ -28,14 +36,8 @@ def query_counters(result) -> dict[str, int]:
 
 def stage_msecs(result) -> dict[str, float]:
     """Total busy milliseconds per stage from ``<stage>_msecs`` distributions."""
-    from apache_beam.metrics.metric import MetricsFilter
-
-    try:
-        res = result.metrics().query(MetricsFilter().with_namespace(records.METRICS_NAMESPACE))
-    except Exception:
-        return {}
     out: dict[str, float] = {}
-    for d in res.get("distributions", []):
+    for d in _query(result, "distributions"):
         name = d.key.metric.name
         value = d.committed if d.committed is not None else d.attempted
         if name.endswith("_msecs") and value is not None:
@@ -45,14 +47,8 @@ def stage_msecs(result) -> dict[str, float]:
 
 def slowest_hosts(result, top: int = 10) -> list[str]:
     """Hosts the downloader found slow (``download_slow_host_msecs/<host>``), slowest mean first."""
-    from apache_beam.metrics.metric import MetricsFilter
-
-    try:
-        res = result.metrics().query(MetricsFilter().with_namespace(records.METRICS_NAMESPACE))
-    except Exception:
-        return []
     means: dict[str, tuple[float, int]] = {}
-    for d in res.get("distributions", []):
+    for d in _query(result, "distributions"):
         name = d.key.metric.name
         value = d.committed if d.committed is not None else d.attempted
         if name.startswith("download_slow_host_msecs/") and value is not None and value.count:
