@@ -4,7 +4,9 @@ For each ``--sizes`` N, builds a synthetic world of N URL rows (``clip_curate.wo
 mismatched captions, exact and near duplicates, unsafe scenes, 404s and HTML pages; ``--image-px``
 square JPEG/PNG scenes), serves it from a separate process on 127.0.0.1, and runs ``clip-curate run``
 through **all stages** (caption, download, image, embed with ``synthetic-tiny``, clip filter, dedup
-exact+near+semantic, safety) on the DirectRunner with ``--workers`` processes, as a subprocess.
+exact+near+semantic, safety) on the DirectRunner with ``--workers`` processes, as a subprocess, in
+``--chunk-rows`` passes (default 10000; 0 = one job over every row, whose memory grows with the rows on
+the DirectRunner: it keeps every shuffled PCollection in memory).
 
 While it runs, the memory of the run's whole process tree (launcher + worker processes) is sampled every
 0.5 s from /proc (sum of RSS, and of PSS: shared pages split between processes). Prints, per size: wall
@@ -74,11 +76,13 @@ def run_size(n: int, args, extra: list[str], workdir: str) -> dict:
                "--dedup", "exact,near,semantic", "--semantic-threshold", "0.99", "--no-nsfw-concept",
                "--language-candidates", "en,de", "--image-size", str(args.image_px),
                "--progress-seconds", "30", f"--direct_num_workers={args.workers}",
-               "--direct_running_mode=multi_processing", *extra]
+               "--direct_running_mode=multi_processing",
+               *(["--chunk-rows", str(args.chunk_rows)] if args.chunk_rows else []), *extra]
         m = measure(cmd, os.path.join(d, "run.log"))
     stats = json.loads(open(os.path.join(out, "stats.json")).read())
     assert stats["input_rows"] == n == stats["curated_rows"] + stats["rejected_rows"], stats
     return {"rows": n, "world_s": round(gen_s, 1), **m, "rows_per_s": n / m["wall_s"],
+            "passes": stats.get("passes", 1), "chunk_rows": args.chunk_rows,
             "curated": stats["curated_rows"], "rejected": stats["rejected_rows"],
             "rejected_by_stage": {s: sum(r.values()) for s, r in stats["rejected_by"].items()}}
 
@@ -95,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--no-nsfw-classifier", action="store_true", help="skip opennsfw (the slowest CPU step)")
+    p.add_argument("--chunk-rows", type=int, default=10000,
+                   help="the run's --chunk-rows (passes of this many rows; 0 = one pass, memory grows with rows)")
     args = p.parse_args(argv)
     if args.no_nsfw_classifier:
         extra = ["--no-nsfw-classifier", *extra]
@@ -103,14 +109,14 @@ def main(argv=None) -> int:
     for n in [int(s) for s in args.sizes.split(",") if s]:
         r = run_size(n, args, extra, workdir)
         results.append(r)
-        print(f"{n} rows: {r['wall_s']:.0f}s, {r['rows_per_s']:.1f} rows/s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB "
+        print(f"{n} rows ({r['passes']} passes): {r['wall_s']:.0f}s, {r['rows_per_s']:.1f} rows/s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB "
               f"(PSS {r['peak_pss'] / 2**20:.0f}), curated {r['curated']}, rejected {r['rejected_by_stage']}",
               flush=True)
     mib = 2 ** 20
-    print("\n| rows | wall | rows/s | peak RSS | peak PSS | RSS at 10 / 50 / 90 % | curated |")
-    print("|---:|---:|---:|---:|---:|---|---:|")
+    print("\n| rows | passes | wall | rows/s | peak RSS | peak PSS | RSS at 10 / 50 / 90 % | curated |")
+    print("|---:|---:|---:|---:|---:|---:|---|---:|")
     for r in results:
-        print(f"| {r['rows']:,} | {r['wall_s']:.0f} s | {r['rows_per_s']:.1f} | {r['peak_rss'] / mib:,.0f} MiB | "
+        print(f"| {r['rows']:,} | {r['passes']} | {r['wall_s']:.0f} s | {r['rows_per_s']:.1f} | {r['peak_rss'] / mib:,.0f} MiB | "
               f"{r['peak_pss'] / mib:,.0f} MiB | {r['rss_10'] / mib:,.0f} / {r['rss_50'] / mib:,.0f} / "
               f"{r['rss_90'] / mib:,.0f} MiB | {r['curated']:,} |")
     if len(results) > 1:

@@ -171,18 +171,27 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _draw_distinct(rng: np.random.Generator, n: int, k: int) -> list[int]:
+    """``k`` indices below ``n``, distinct while ``k <= n`` (then repeating)."""
+    if k == 1:
+        return [int(rng.integers(n))]
+    out = [int(j) for j in rng.permutation(n)[:k]]
+    return out + [int(rng.integers(n)) for _ in range(k - len(out))]
+
+
 def train_clip(images: Sequence[Any] | torch.Tensor, captions: Sequence[str | Sequence[str]], *,
                model_cfg: dict[str, Any] | None = None, preprocess_cfg: dict[str, Any] | None = None,
                steps: int = 3000, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.1,
                warmup_steps: int | None = None, seed: int = 0, device: str = "cpu",
-               hard_negatives: Sequence[str | Sequence[str]] | None = None,
+               hard_negatives: Sequence[str | Sequence[str]] | None = None, hard_per_image: int = 1,
                log_every: int = 100, log: Callable[[str], None] | None = None, model=None):
     """Train an open_clip ``CLIP`` contrastively on image–caption pairs; returns the model (eval mode).
 
     ``images``: encoded bytes, PIL images, HxWx3 arrays, or a uint8 tensor already produced by
     :func:`images_to_uint8`. ``captions[i]``: one caption or several (one is drawn per step: text
-    augmentation). ``hard_negatives[i]`` (optional): captions that must *not* match image i; one is
-    added to the batch's text side per image (image->text loss over ``2 * batch`` captions).
+    augmentation). ``hard_negatives[i]`` (optional): captions that must *not* match image i;
+    ``hard_per_image`` of them (distinct where there are enough) are added to the batch's text side
+    per image (image->text loss over ``(1 + hard_per_image) * batch`` captions).
     Data order, initialisation and caption draws follow ``seed``.
     """
     model_cfg = model_cfg or TINY_MODEL_CFG
@@ -225,7 +234,9 @@ def train_clip(images: Sequence[Any] | torch.Tensor, captions: Sequence[str | Se
         pos += batch_size
         texts = [caps[i][int(rng.integers(len(caps[i])))] for i in idx]
         if negs is not None:
-            texts += [negs[i][int(rng.integers(len(negs[i])))] for i in idx]
+            picks = [_draw_distinct(rng, len(negs[i]), hard_per_image) for i in idx]
+            for k in range(hard_per_image):
+                texts += [negs[i][pick[k]] for i, pick in zip(idx, picks)]
         x = _normalise(pixels[torch.from_numpy(idx)], preprocess_cfg, dev)
         t = tokens(texts).to(dev)
         for g in opt.param_groups:
@@ -380,6 +391,21 @@ def load_model_dir(path: str | os.PathLike, device: str = "cpu"):
     return model, preprocess, open_clip.get_tokenizer(name)
 
 
+def hard_caption_pools(pairs: Sequence[W.ScenePair], pool: int, seed: int,
+                       weights: dict[str, float] | None = None) -> list[tuple[str, ...]]:
+    """Per scene: its hard caption plus ``pool - 1`` more, each with one attribute changed
+    (drawn uniformly or by ``weights``), so training sees many different one-word-wrong captions."""
+    out = []
+    for i, p in enumerate(pairs):
+        rng = np.random.default_rng([seed, 31, i])
+        extra = []
+        for _ in range(pool - 1):
+            changed, _ = W.change_one_attribute(p.attrs, rng, weights=weights)
+            extra.append(W.describe(changed, rng))
+        out.append((p.hard_caption, *extra))
+    return out
+
+
 def build_arg_parser(prog: str = "python -m clip_curate.train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Train the small open_clip model 'synthetic-tiny' on the synthetic world and "
@@ -400,6 +426,10 @@ def build_arg_parser(prog: str = "python -m clip_curate.train") -> argparse.Argu
     p.add_argument("--hard-weights", default=None,
                    help="how often each attribute is the one changed in the hard-negative caption, e.g. "
                         "colour=0.1,shape=0.3,position=0.35,count=0.25 (default: uniform)")
+    p.add_argument("--hard-per-image", type=int, default=1,
+                   help="hard-negative captions per image in each step (default: 1)")
+    p.add_argument("--hard-pool", type=int, default=1,
+                   help="hard-negative captions written per scene, drawn from each step (default: 1)")
     p.add_argument("--init-from", default=None,
                    help="continue training from this local-dir checkpoint (its model_cfg is used)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: min(200, steps/10))")
@@ -420,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 2),
+                             ("--hard-per-image", args.hard_per_image, 1), ("--hard-pool", args.hard_pool, 1),
                              ("--scenes", args.scenes, 2), ("--eval-scenes", args.eval_scenes, 2)):
         if value < low:
             print(f"{build_arg_parser().prog}: error: {flag} must be >= {low}", file=sys.stderr)
@@ -471,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     model = train_clip(pixels, [p.captions for p in pairs], model_cfg=model_cfg, steps=args.steps, batch_size=args.batch_size,
                        lr=args.lr, seed=args.seed, device=args.device,
-                       hard_negatives=[(p.hard_caption,) for p in pairs] if args.hard_negatives else None,
+                       hard_negatives=hard_caption_pools(pairs, args.hard_pool, args.seed, hard_weights)
+                       if args.hard_negatives else None, hard_per_image=args.hard_per_image,
                        warmup_steps=args.warmup_steps, model=init_model, log=log)
     t_train = time.time() - t0
     log("evaluating on held-out scenes")

@@ -102,6 +102,38 @@ def test_saved_dir_loads_with_open_clip_local_dir(tmp_path, micro_pairs):
     assert next(m16.parameters()).dtype == torch.float32
 
 
+def test_hard_caption_pools_change_exactly_one_attribute(micro_pairs):
+    pools = T.hard_caption_pools(micro_pairs, 6, seed=2, weights={"shape": 1.0})
+    assert pools == T.hard_caption_pools(micro_pairs, 6, seed=2, weights={"shape": 1.0})  # a pure function
+    for pair, pool in zip(micro_pairs, pools):
+        assert len(pool) == 6 and pool[0] == pair.hard_caption
+        for caption in pool[1:]:  # the extra ones change the shape only: the shape word differs
+            assert pair.attrs["shape"] not in caption and pair.attrs["colour"] in caption
+    assert len({c for pool in pools for c in pool[1:]}) > 3 * len(pools)  # varied, not one caption repeated
+
+
+def test_several_hard_negatives_per_image(micro_pairs):
+    rng = np.random.default_rng(0)
+    assert sorted(T._draw_distinct(rng, 5, 5)) == [0, 1, 2, 3, 4]  # distinct while there are enough
+    assert len(T._draw_distinct(rng, 2, 4)) == 4
+    seen = []
+
+    class Spy(T._TokenCache):
+        def __call__(self, texts):
+            seen.append(len(texts))
+            return super().__call__(texts)
+
+    orig = T._TokenCache
+    T._TokenCache = Spy
+    try:
+        pools = T.hard_caption_pools(micro_pairs, 4, seed=1)
+        T.train_clip([p.image_bytes for p in micro_pairs], [p.captions for p in micro_pairs], model_cfg=MICRO_CFG,
+                     steps=2, batch_size=16, hard_negatives=pools, hard_per_image=3)
+    finally:
+        T._TokenCache = orig
+    assert seen == [16 * 4, 16 * 4]  # 16 matched captions + 3 hard ones per image, each step
+
+
 def test_cli_end_to_end_writes_loadable_checkpoint(tmp_path, capsys):
     out = tmp_path / "tiny"
     rc = T.main(["--output", str(out), "--steps", "3", "--batch-size", "16", "--scenes", "64", "--workers", "1",
@@ -125,6 +157,8 @@ def test_cli_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert T.main(["--output", str(tmp_path), "--device", "cuda"]) == 2
         assert "--device cuda" in capsys.readouterr().err
+    assert T.main(["--output", str(tmp_path), "--hard-per-image", "0"]) == 2
+    assert "--hard-per-image must be >= 1" in capsys.readouterr().err
     assert T.main(["--output", str(tmp_path), "--hard-weights", "mood=1"]) == 2
     assert "--hard-weights" in capsys.readouterr().err
     assert T.main(["--output", str(tmp_path), "--init-from", str(tmp_path / "missing")]) == 2
