@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -70,6 +71,7 @@ def run_size(n: int, args, extra: list[str], workdir: str) -> dict:
         pq.write_table(w.to_url_table(srv.base_url, include_uid=False), urls)
         del w
         out = os.path.join(d, "out")
+        shutil.rmtree(out, ignore_errors=True)  # a fresh output: never mix with an earlier run's shards
         cmd = [sys.executable, "-m", "clip_curate.cli", "run", "--input", urls, "--output", out,
                "--allow-private-addresses", "--per-host-rps", "0", "--per-host-connections", "32",
                "--clip-model", "synthetic-tiny", "--min-clip-score", str(recommended_threshold("synthetic-tiny")),

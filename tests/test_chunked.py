@@ -60,10 +60,14 @@ def test_chunked_passes_account_every_row_and_dedup_across_passes(served):
     input_uids = table.column("uid").to_pylist()
     one, three = tmp / "one", tmp / "three"
     run(["--input", str(urls), "--output", str(one), *FLAGS])
-    run(["--input", str(urls), "--output", str(three), "--chunk-rows", str(N_WORLD // 3 + 1), *FLAGS])
+    run(["--input", str(urls), "--output", str(three), "--chunk-rows", str(N_WORLD // 3 + 1), "--audit", *FLAGS])
     cur1, rej1, stats1 = _check_accounted(one, input_uids)
     cur3, rej3, stats3 = _check_accounted(three, input_uids)
     assert stats3["passes"] == 3 and "passes" not in stats1
+    # --audit with passes: one audit of the whole output after the last pass
+    audit = json.loads((three / "audit" / "audit.json").read_text())
+    assert audit["populations"]["input"]["rows"] == len(input_uids)
+    assert audit["populations"]["curated"]["rows"] == stats3["curated_rows"]
     # every pass wrote its own shards; pass k held exactly the rows whose uid hash is k mod 3
     assert len({p.rsplit("/", 1)[1].split("-")[1] for p in final_shards(str(three), "curated")}) == 3
     assert {uid_hash(u) % 3 for u in input_uids} == {0, 1, 2}
