@@ -49,6 +49,14 @@ TINY_PREPROCESS_CFG: dict[str, Any] = {
     "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic", "resize_mode": "shortest",
     "fill_color": 0,
 }
+
+
+def preprocess_cfg_for(model_cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """The tiny model's preprocessing at ``model_cfg``'s image size."""
+    size = ((model_cfg or TINY_MODEL_CFG).get("vision_cfg") or {}).get("image_size", TINY_PREPROCESS_CFG["size"])
+    return {**TINY_PREPROCESS_CFG, "size": int(size if isinstance(size, int) else size[0])}
+
+
 #: Seeds of the held-out evaluation stream (never used for training by ``main``).
 EVAL_SEED = 900_001
 MODEL_NAME = "synthetic-tiny"
@@ -496,11 +504,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.time()
     log(f"rendering {args.scenes} training scenes (seed {args.seed}, {args.workers} workers)")
     pairs = W.scene_pairs(args.scenes, args.seed, workers=args.workers, hard_weights=hard_weights)
-    pixels = images_to_uint8([p.image_bytes for p in pairs])
+    preprocess_cfg = preprocess_cfg_for(model_cfg)
+    pixels = images_to_uint8([p.image_bytes for p in pairs], preprocess_cfg)
     t_data = time.time() - t_start
     log(f"data ready in {t_data:.0f}s; training {args.steps} steps x {args.batch_size}")
     t0 = time.time()
-    model = train_clip(pixels, [p.captions for p in pairs], model_cfg=model_cfg, steps=args.steps, batch_size=args.batch_size,
+    model = train_clip(pixels, [p.captions for p in pairs], model_cfg=model_cfg, preprocess_cfg=preprocess_cfg,
+                       steps=args.steps, batch_size=args.batch_size,
                        lr=args.lr, seed=args.seed, device=args.device,
                        hard_negatives=hard_caption_pools(pairs, args.hard_pool, args.seed, hard_weights)
                        if args.hard_negatives else None, hard_per_image=args.hard_per_image,
@@ -508,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_train = time.time() - t0
     log("evaluating on held-out scenes")
     metrics = evaluate_clip(model, n=args.eval_scenes, seed=args.eval_seed, device=args.device, model_cfg=model_cfg,
+                            preprocess_cfg=preprocess_cfg,
                             zero_shot_attributes=("shape", "colour", "count", "position") if args.zero_shot_n else (),
                             zero_shot_n=args.zero_shot_n)
     n_params = sum(p.numel() for p in model.parameters())
@@ -524,7 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "torch": torch.__version__},
         "heldout": metrics,
     }
-    out = save_model_dir(model.cpu(), args.output, model_cfg=model_cfg, dtype=args.save_dtype, report=report)
+    out = save_model_dir(model.cpu(), args.output, model_cfg=model_cfg, preprocess_cfg=preprocess_cfg,
+                         dtype=args.save_dtype, report=report)
     report["weights_bytes"] = (out / WEIGHTS_FILE).stat().st_size
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({"output": str(out), "params": n_params, "weights_bytes": report["weights_bytes"],

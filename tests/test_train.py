@@ -150,6 +150,22 @@ def test_cli_end_to_end_writes_loadable_checkpoint(tmp_path, capsys):
     assert tokenizer(["a red circle"]).shape == (1, 32)
 
 
+def test_cli_model_config_with_another_image_size(tmp_path, capsys):
+    """--model-config with image_size 32: images are preprocessed at 32 px and the saved preprocess says so."""
+    cfg = copy.deepcopy(MICRO_CFG)
+    cfg["vision_cfg"].update(image_size=32, patch_size=8)
+    (tmp_path / "cfg.json").write_text(json.dumps({"model_cfg": cfg}))
+    out = tmp_path / "m32"
+    assert T.main(["--output", str(out), "--model-config", str(tmp_path / "cfg.json"), "--steps", "2",
+                   "--batch-size", "8", "--scenes", "24", "--workers", "1", "--eval-scenes", "16",
+                   "--zero-shot-n", "0", "--seed", "2", "--quiet"]) == 0
+    saved = json.loads((out / T.CONFIG_FILE).read_text())
+    assert saved["preprocess_cfg"]["size"] == 32 and saved["model_cfg"]["vision_cfg"]["image_size"] == 32
+    model, preprocess, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    x = preprocess(Image.open(io.BytesIO(W.scene_pairs(1, seed=9)[0].image_bytes)).convert("RGB"))
+    assert x.shape == (3, 32, 32) and model.encode_image(x[None]).shape == (1, 32)
+
+
 def test_cli_errors(tmp_path, capsys):
     assert T.main(["--output", str(tmp_path), "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
