@@ -30,8 +30,6 @@ import argparse
 import copy
 import json
 import logging
-import math
-import os
 import posixpath
 import sys
 import time

@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import math
-import os
 import posixpath
 import sys
 import tarfile
@@ -36,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import fsspec
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_curate.options import ConfigError

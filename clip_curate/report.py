@@ -5,7 +5,6 @@ import base64
 import io
 import math
 from importlib import resources
-from typing import Any
 
 POP_COLOURS = {"input": "#7f7f7f", "curated": "#1f77b4", "rejected": "#d62728"}
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, TypeOptions
 
-from clip_curate import records, summary
+from clip_curate import summary
 from clip_curate.config import parse_run_args
 from clip_curate.pipeline import build_pipeline, plan_passes, validate_stage_configs
 from clip_curate.reader import plan_input

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from clip_curate.audit import (AuditConfig, BiasAudit, build_audit, load_attributes, main, parse_attributes,
+from clip_curate.audit import (AuditConfig, BiasAudit, load_attributes, main, parse_attributes,
                                run_audit, zero_shot_group)
 from clip_curate.options import ConfigError
 from clip_curate.report import render_report

@@ -13,7 +13,6 @@ from clip_curate import evaluate as E
 from clip_curate import export
 from clip_curate import world as W
 from clip_curate.cli import main as cli_main
-from clip_curate.options import ConfigError
 from clip_curate.train import TINY_PREPROCESS_CFG
 
 # a 2-layer micro model keeps the end-to-end runs to seconds

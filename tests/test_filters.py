@@ -224,7 +224,6 @@ def test_synthetic_tiny_filters_mismatches_in_a_fresh_world():
     report = _sweep(scores, bad)
     tp = sum(r["truth_kind"].split(":")[0] in bad_kinds for r in rejected)
     precision = tp / max(len(rejected), 1)
-    recall = tp / bad.sum()
     recall_by_kind = {}
     for kind in bad_kinds:  # each kind of mismatch on its own
         k_total = sum(r["truth_kind"].split(":")[0] == kind for r in kept + rejected)

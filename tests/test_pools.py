@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_curate import records
 from clip_curate.cli import main as cli_main
 from clip_curate.options import ConfigError
 from clip_curate.pools import detect_pool_format

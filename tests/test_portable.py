@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_curate import world as world_mod
-from clip_curate.testing.webserver import Route, WebServer, fault_routes
+from clip_curate.testing.webserver import WebServer, fault_routes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULTS = ["/404", "/500", "/reset", "/truncated.jpg", "/random.jpg", "/html-as-image", "/loop-a", "/noai.jpg",
