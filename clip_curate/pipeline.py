@@ -48,8 +48,8 @@ class RunConfig:
     stages: tuple[str, ...] = opt(("all",), "stages to run: all, none, or a subset of "
                                             + ",".join(STAGES) + " (read and write always run)")
     audit: bool = opt(False, "also compute the bias audit into OUT/audit/ at the end of the run")
-    resume: bool = opt(False, "skip input rows already accounted for in OUT (curated or rejected) and "
-                              "write new shards beside the old ones")
+    resume: bool = opt(False, "skip input rows already accounted for in OUT (curated or rejected), dedup the "
+                              "new rows against OUT's rows, and write new shards beside the old ones")
     log_level: str = opt("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     progress_seconds: float = opt(10.0, "seconds between progress lines (0 = off)")
     chunk_rows: int = opt(0, "run the input in passes of about this many rows (picked by uid hash), one Beam "
