@@ -4,7 +4,7 @@ Builds everything from scratch, for real:
 
 1. a synthetic world with the demo's mix (15 % random + 15 % hard caption mismatches, 3 % exact and
    5 % near duplicates, 3 % unsafe, 2 % eval leaks, 3 % 404 + 2 % HTML pages), served on 127.0.0.1;
-2. ``clip-curate run`` with the demo's flags (``synthetic-tiny``, ``--min-clip-score`` 0.6, dedup
+2. ``clip-curate run`` with the demo's flags (``synthetic-tiny``, ``--min-clip-score`` = its recommended threshold, dedup
    exact/near/semantic, decontamination, safety) -> ``DIR/out`` (the curated arm);
 3. ``clip-curate run --stages download,image`` on the same URL list -> ``DIR/raw`` (the raw arm: every
    pair whose image downloaded and decoded, nothing filtered);
