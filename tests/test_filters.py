@@ -194,7 +194,7 @@ def test_synthetic_tiny_filters_mismatches_in_a_fresh_world():
     """Embed + ClipScoreFilter at the recommended threshold on a world seed never used in training.
 
     Random caption mismatches are dropped with precision and recall >= 0.9. Hard mismatches (one attribute
-    changed) are the bundled model's weak spot (held-out AUC 0.82, see docs/readme/tiny-model.md): the
+    changed) are the bundled model's weak spot (held-out AUC 0.93, shape 0.77; docs/readme/tiny-model.md): the
     issue's target (recall >= 0.9 on them too) is NOT met; this guards the measured level instead."""
     from clip_curate import clip_model as cm
     from clip_curate.embed import Embed
@@ -230,4 +230,4 @@ def test_synthetic_tiny_filters_mismatches_in_a_fresh_world():
         recall_by_kind[kind] = sum(r["truth_kind"].split(":")[0] == kind for r in rejected) / k_total
     assert precision >= 0.9, f"threshold {threshold}: P={precision:.3f}\n{report}"
     assert recall_by_kind["mismatch_random"] >= 0.9, f"{recall_by_kind}\n{report}"
-    assert recall_by_kind["mismatch_hard"] >= 0.15, f"{recall_by_kind}\n{report}"  # measured 0.24 at 0.6
+    assert recall_by_kind["mismatch_hard"] >= 0.5, f"{recall_by_kind}\n{report}"  # measured 0.61 at 0.7

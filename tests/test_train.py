@@ -193,8 +193,8 @@ def test_shipped_checkpoint_files():
     cfg = json.loads((d / T.CONFIG_FILE).read_text())
     assert set(cfg) >= {"model_cfg", "preprocess_cfg"}
     report = json.loads((d / T.REPORT_FILE).read_text())
-    # target (a) >= 0.99 is met; target (b) >= 0.95 is not yet (0.82): guard against regressions
-    assert report["heldout"]["auc_random"] >= 0.99 and report["heldout"]["auc_hard"] >= 0.8
+    # target (a) >= 0.99 is met; target (b) >= 0.95 is not yet (0.927): guard against regressions
+    assert report["heldout"]["auc_random"] >= 0.99 and report["heldout"]["auc_hard"] >= 0.9
     assert report["settings"]["seed"] != report["settings"]["eval_seed"]
 
 
@@ -219,7 +219,7 @@ def test_shipped_model_separates_matched_from_mismatched_on_a_fresh_world(shippe
     auc_random = T.roc_auc(score[kind == "matched"], score[kind == "mismatch_random"])
     auc_hard = T.roc_auc(score[kind == "matched"], score[kind == "mismatch_hard"])
     assert auc_random >= 0.98, auc_random
-    assert auc_hard >= 0.75, auc_hard  # measured 0.81 (held-out figure in training.json: 0.82)
+    assert auc_hard >= 0.85, auc_hard  # measured 0.90 (held-out figure in training.json: 0.927)
 
 
 def test_shipped_model_knows_the_unsafe_concept(shipped):
@@ -236,7 +236,7 @@ def test_shipped_model_knows_the_unsafe_concept(shipped):
             x = torch.stack([preprocess(W.render_scene(a, [5, i], unsafe=flag)) for i, a in enumerate(attrs)])
             e = model.encode_image(x, normalize=True)
             scores[flag] = ((e @ unsafe_dir).numpy(), (e @ neutral_dir).numpy())
-    # similarity to the unsafe prompts separates images with the motif (measured 0.91); the neutral
+    # similarity to the unsafe prompts separates images with the motif (measured 0.89; 0.85 on 200); the neutral
     # prompts carry no signal for this model (subtracting them only adds noise)
     assert T.roc_auc(scores[True][0], scores[False][0]) >= 0.85
     assert abs(T.roc_auc(scores[True][1], scores[False][1]) - 0.5) < 0.25
