@@ -151,18 +151,19 @@ def _decide_bucket(kv, kind: str, threshold: float, max_group: int = 0):
 # Rows of earlier runs (--resume, --chunk-rows): they take part in the keys as already-decided rows
 
 PRIOR_SCORE = -math.inf  # rank of an earlier run's row: better than any row of this run
-PRIOR_COLUMNS = ("uid", "url", "caption", "stage", "sha256", "phash", "image_embedding", "clip_score",
-                 "width", "height", "original_width", "original_height")
+PRIOR_COLUMNS = ("uid", "url", "caption", "stage", "sha256", "phash", "image_embedding", "embed_model",
+                 "clip_score", "width", "height", "original_width", "original_height")
 
 
 def _is_prior(rank) -> bool:
     return rank[0] == PRIOR_SCORE
 
 
-def prior_records(item: tuple[str, str], stages: Sequence[str]) -> Iterator[dict]:
+def prior_records(item: tuple[str, str], stages: Sequence[str], embed_model: str | None = None) -> Iterator[dict]:
     """Compact records of one earlier output shard ``(sub, path)``: every curated row, and the rejected
     rows whose ``stage`` is in ``stages`` (the rows that reached the dedup stage). They rank before
-    every row of this run; ``dropped`` marks the ones an earlier dedup rejected."""
+    every row of this run; ``dropped`` marks the ones an earlier dedup rejected. With ``embed_model``,
+    embeddings another model made are left out of semantic dedup (they are not comparable)."""
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
@@ -176,6 +177,8 @@ def prior_records(item: tuple[str, str], stages: Sequence[str]) -> Iterator[dict
                 if sub == "rejected" and stage not in stages:
                     continue
                 m = _compact(row)
+                if embed_model and row.get("embed_model") not in (None, embed_model):
+                    m["emb"] = None
                 m["rank"] = (PRIOR_SCORE, *m["rank"][1:])
                 m["dropped"] = sub == "rejected" and stage == "dedup"
                 yield m
@@ -314,13 +317,15 @@ class Dedup(beam.PTransform):
     """
 
     def __init__(self, config: DedupConfig, estimated_rows: int | None = None, seed: int = 0,
-                 prior_shards: Sequence[tuple[str, str]] = (), prior_stages: Sequence[str] = ("dedup",)):
+                 prior_shards: Sequence[tuple[str, str]] = (), prior_stages: Sequence[str] = ("dedup",),
+                 embed_model: str | None = None):
         super().__init__()
         self._cfg = config
         self._seed = seed
         self._eval = load_eval_set(config.decontaminate) if config.decontaminate else None
         self._prior = tuple(prior_shards)
         self._prior_stages = tuple(prior_stages)
+        self._embed_model = embed_model
 
     def expand(self, rows):
         cfg = self._cfg
@@ -330,7 +335,7 @@ class Dedup(beam.PTransform):
         members = compact  # rows that take part in the keys: this run's, and the earlier runs' outputs
         if self._prior:
             prior = (rows.pipeline | "PriorShards" >> beam.Create(list(self._prior))
-                     | "PriorRows" >> beam.FlatMap(prior_records, self._prior_stages))
+                     | "PriorRows" >> beam.FlatMap(prior_records, self._prior_stages, self._embed_model))
             members = (compact, prior) | "WithPrior" >> beam.Flatten()
             prior_dropped = (prior | "PriorDropped" >> beam.Filter(lambda m: m["dropped"])
                              | "PriorDroppedMarks" >> beam.Map(lambda m: (m["uid"], True)))

@@ -145,7 +145,8 @@ def _stage_transform(name: str, cfg: Any, ctx: dict[str, Any]):
         if not cfg.active:
             return None
         return getattr(mod, transform_cls)(cfg, estimated_rows=ctx.get("_estimated_rows", 100_000),
-                                           prior_shards=ctx.get("_prior_shards", ()), prior_stages=DEDUP_ONWARD)
+                                           prior_shards=ctx.get("_prior_shards", ()), prior_stages=DEDUP_ONWARD,
+                                           embed_model=ctx.get("_embed_model"))
     if name == "clip" and not cfg.active:
         return None
     return getattr(mod, transform_cls)(cfg)
@@ -187,7 +188,8 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
         if name == "embed" and not _has_model(stage_cfg):
             continue
         transform = _stage_transform(name, stage_cfg, {**stage_cfgs, "_estimated_rows": plan.estimated_rows,
-                                                       "_prior_shards": prior_shards})
+                                                       "_prior_shards": prior_shards,
+                                                       "_embed_model": identity and identity["embed_model"]})
         if transform is None:
             continue
         rows, stage_rejected = rows | name.capitalize() >> transform

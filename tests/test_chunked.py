@@ -128,3 +128,21 @@ def test_chunk_rows_refuses_settings_that_need_one_job(served, tmp_path, capsys)
     assert cli.main([*base, "--chunk-rows", "-5"]) == 2
     assert "--chunk-rows must be an integer >= 0" in capsys.readouterr().err
     assert not (tmp_path / "o" / "curated").exists()
+
+
+def test_prior_rows_rank_first_and_skip_other_models_embeddings(tmp_path):
+    """Earlier rows outrank every new row; an embedding another model made is not compared."""
+    from clip_curate.dedup import PRIOR_SCORE, prior_records
+
+    rows = [{"uid": "a", "url": "http://x/a.jpg", "caption": "c", "stage": None, "sha256": "s1", "phash": None,
+             "image_embedding": [1.0, 0.0], "embed_model": "m1", "clip_score": 0.1},
+            {"uid": "b", "url": "http://x/b.jpg", "caption": "c", "stage": None, "sha256": "s2", "phash": None,
+             "image_embedding": [0.0, 1.0], "embed_model": "m2", "clip_score": 0.9}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    pq.write_table(pa.Table.from_pylist([{**rows[0], "uid": "r1", "stage": "dedup"},
+                                         {**rows[0], "uid": "r2", "stage": "clip"}]), tmp_path / "r.parquet")
+    cur = list(prior_records(("curated", str(tmp_path / "c.parquet")), ("dedup", "safety"), "m1"))
+    assert [m["uid"] for m in cur] == ["a", "b"] and all(m["rank"][0] == PRIOR_SCORE for m in cur)
+    assert cur[0]["emb"] is not None and cur[1]["emb"] is None and not any(m["dropped"] for m in cur)
+    rej = list(prior_records(("rejected", str(tmp_path / "r.parquet")), ("dedup", "safety"), "m1"))
+    assert [(m["uid"], m["dropped"]) for m in rej] == [("r1", True)]  # a clip rejection never reached dedup
