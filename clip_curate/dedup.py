@@ -12,6 +12,10 @@ worker count, bundle split or input order. ``detail`` is ``"duplicate of <uid>"`
 best-ranked dropper that was kept (``"duplicate of dropped row <uid>"`` when every dropper was itself
 dropped: a chain a > b > c), or the eval item matched.
 
+Rows of earlier runs into the same output (``--resume``, ``--chunk-rows`` passes: ``prior_shards``) join
+the keys with a rank better than every row of this run; they drop rows of this run but are never
+dropped themselves (their decisions are discarded), so earlier output stays as written.
+
 Data flow (only small records are shuffled until the last step):
 compact (uid, rank, hashes, embedding) ─► per kind: key ─► GroupByKey ─► per-bucket decisions
 ─► GroupByKey by uid ─► "is the dropper kept?" join ─► CoGroupByKey with the full rows by uid ─► kept /

@@ -326,10 +326,8 @@ def to_row(raw: dict[str, Any], plan: InputPlan) -> dict[str, Any]:
     return row
 
 
-def in_part(uid: str, part: tuple[int, int] | None) -> bool:
+def in_part(uid: str, part: tuple[int, int]) -> bool:
     """Whether a row belongs to pass ``part = (k, n)`` of a chunked run (every row is in exactly one)."""
-    if part is None:
-        return True
     from clip_curate.dedup_core import uid_hash
     return uid_hash(uid) % part[1] == part[0]
 
@@ -338,10 +336,9 @@ def read_split(split: Split, plan: InputPlan) -> Iterator[dict[str, Any]]:
     """Rows of one split (of this pass, ``plan.part``). Unparseable lines come out as rows flagged for
     rejection (``__unreadable__``)."""
     rows = _split_rows(split, plan)
-    if plan.part is None:
-        yield from rows
-    else:
-        yield from (row for row in rows if in_part(row["uid"], plan.part))
+    if plan.part is not None:
+        rows = (row for row in rows if in_part(row["uid"], plan.part))
+    yield from rows
 
 
 def _split_rows(split: Split, plan: InputPlan) -> Iterator[dict[str, Any]]:

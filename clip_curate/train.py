@@ -181,7 +181,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 def _draw_distinct(rng: np.random.Generator, n: int, k: int) -> list[int]:
     """``k`` indices below ``n``, distinct while ``k <= n`` (then repeating)."""
-    if k == 1:
+    if k == 1:  # one integer draw, as before --hard-per-image existed: earlier recipes reproduce
         return [int(rng.integers(n))]
     out = [int(j) for j in rng.permutation(n)[:k]]
     return out + [int(rng.integers(n)) for _ in range(k - len(out))]

@@ -48,7 +48,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
         # skips Prism for pipelines that allow unsafe triggers (we use no triggers at all).
         options.view_as(TypeOptions).allow_unsafe_triggers = True
     t0 = time.time()
-    results, previous = [], None
+    results = []
     for k in range(passes):
         pass_plan = plan
         if passes > 1:
