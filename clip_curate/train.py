@@ -192,6 +192,7 @@ def train_clip(images: Sequence[Any] | torch.Tensor, captions: Sequence[str | Se
                steps: int = 3000, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.1,
                warmup_steps: int | None = None, seed: int = 0, device: str = "cpu",
                hard_negatives: Sequence[str | Sequence[str]] | None = None, hard_per_image: int = 1,
+               twin_of: Sequence[int] | None = None,
                log_every: int = 100, log: Callable[[str], None] | None = None, model=None):
     """Train an open_clip ``CLIP`` contrastively on image–caption pairs; returns the model (eval mode).
 
@@ -199,8 +200,10 @@ def train_clip(images: Sequence[Any] | torch.Tensor, captions: Sequence[str | Se
     :func:`images_to_uint8`. ``captions[i]``: one caption or several (one is drawn per step: text
     augmentation). ``hard_negatives[i]`` (optional): captions that must *not* match image i;
     ``hard_per_image`` of them (distinct where there are enough) are added to the batch's text side
-    per image (image->text loss over ``(1 + hard_per_image) * batch`` captions).
-    Data order, initialisation and caption draws follow ``seed``.
+    per image (image->text loss over ``(1 + hard_per_image) * batch`` captions). ``twin_of[i]``
+    (optional): the index of image i's minimal-pair twin (the same scene with one attribute changed,
+    :func:`clip_curate.world.scene_twin`); a step then draws ``batch_size // 2`` scenes and adds their
+    twins, so both loss directions must tell the two apart. Data order, initialisation and caption draws follow ``seed``.
     """
     model_cfg = model_cfg or TINY_MODEL_CFG
     preprocess_cfg = preprocess_cfg or TINY_PREPROCESS_CFG
@@ -219,7 +222,15 @@ def train_clip(images: Sequence[Any] | torch.Tensor, captions: Sequence[str | Se
         negs = [(c,) if isinstance(c, str) else tuple(c) for c in hard_negatives]
         if len(negs) != n:
             raise ValueError(f"{n} images but {len(negs)} hard-negative entries")
+    anchors = np.arange(n)
+    if twin_of is not None:
+        twin = np.asarray(twin_of, dtype=np.int64)
+        if len(twin) != n or twin.min() < 0 or twin.max() >= n or (twin[twin] != np.arange(n)).any() \
+                or (twin == np.arange(n)).any():
+            raise ValueError("twin_of must pair every image with another one (twin_of[twin_of[i]] == i)")
+        anchors = np.flatnonzero(np.arange(n) < twin)
     batch_size = min(batch_size, n)
+    draw = batch_size // 2 if twin_of is not None else batch_size
     model = model if model is not None else build_model(model_cfg)
     model.to(dev).train()
     tokens = _TokenCache(make_tokenizer(model_cfg))
@@ -232,14 +243,16 @@ def train_clip(images: Sequence[Any] | torch.Tensor, captions: Sequence[str | Se
         progress = (step - warmup) / max(1, steps - warmup)
         return lr * 0.5 * (1 + math.cos(math.pi * progress))
 
-    order = rng.permutation(n)
+    order = rng.permutation(anchors)
     pos = 0
     t0 = time.time()
     for step in range(steps):
-        if pos + batch_size > n:
-            order, pos = rng.permutation(n), 0
-        idx = order[pos:pos + batch_size]
-        pos += batch_size
+        if pos + draw > len(anchors):
+            order, pos = rng.permutation(anchors), 0
+        idx = order[pos:pos + draw]
+        pos += draw
+        if twin_of is not None:
+            idx = np.concatenate([idx, twin[idx]])
         texts = [caps[i][int(rng.integers(len(caps[i])))] for i in idx]
         if negs is not None:
             picks = [_draw_distinct(rng, len(negs[i]), hard_per_image) for i in idx]
@@ -399,6 +412,15 @@ def load_model_dir(path: str | os.PathLike, device: str = "cpu"):
     return model, preprocess, open_clip.get_tokenizer(name)
 
 
+def transplant_weights(source, target):
+    """Copy into ``target`` every tensor of ``source`` with the same name and shape; returns
+    ``(target, number copied)`` (e.g. a trained text tower under a freshly initialised image tower)."""
+    src, dst = source.state_dict(), target.state_dict()
+    taken = {k: v.to(dst[k].dtype) for k, v in src.items() if k in dst and dst[k].shape == v.shape}
+    target.load_state_dict({**dst, **taken})
+    return target, len(taken)
+
+
 def hard_caption_pools(pairs: Sequence[W.ScenePair], pool: int, seed: int,
                        weights: dict[str, float] | None = None) -> list[tuple[str, ...]]:
     """Per scene: its hard caption plus ``pool - 1`` more, each with one attribute changed
@@ -438,8 +460,13 @@ def build_arg_parser(prog: str = "python -m clip_curate.train") -> argparse.Argu
                    help="hard-negative captions per image in each step (default: 1)")
     p.add_argument("--hard-pool", type=int, default=1,
                    help="hard-negative captions written per scene, drawn from each step (default: 1)")
+    p.add_argument("--twins", action="store_true",
+                   help="render a minimal-pair twin of every scene (same scene, one attribute changed, drawn "
+                        "by --hard-weights) and put each scene and its twin in the same batch")
     p.add_argument("--init-from", default=None,
-                   help="continue training from this local-dir checkpoint (its model_cfg is used)")
+                   help="continue training from this local-dir checkpoint (its model_cfg is used); with "
+                        "--model-config, only the weights whose names and shapes match are taken (e.g. the "
+                        "text tower under a new image tower)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: min(200, steps/10))")
     p.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false",
                    help="train without one-attribute-changed captions as in-batch negatives")
@@ -497,13 +524,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.init_from:
         try:
             init_model, _, _ = load_model_dir(args.init_from)
-            model_cfg = json.loads((Path(args.init_from) / CONFIG_FILE).read_text("utf-8"))["model_cfg"]
+            if args.model_config:
+                torch.manual_seed(args.seed)
+                init_model, taken = transplant_weights(init_model, build_model(model_cfg))
+                log(f"--init-from {args.init_from}: took {taken} of {len(init_model.state_dict())} tensors "
+                    f"(the rest start from random init)")
+            else:
+                model_cfg = json.loads((Path(args.init_from) / CONFIG_FILE).read_text("utf-8"))["model_cfg"]
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             print(f"error: --init-from {args.init_from}: {exc}", file=sys.stderr)
             return 2
     t_start = time.time()
     log(f"rendering {args.scenes} training scenes (seed {args.seed}, {args.workers} workers)")
-    pairs = W.scene_pairs(args.scenes, args.seed, workers=args.workers, hard_weights=hard_weights)
+    pairs = W.scene_pairs(args.scenes, args.seed, workers=args.workers, hard_weights=hard_weights, twins=args.twins)
+    twin_of = list(range(args.scenes, 2 * args.scenes)) + list(range(args.scenes)) if args.twins else None
     preprocess_cfg = preprocess_cfg_for(model_cfg)
     pixels = images_to_uint8([p.image_bytes for p in pairs], preprocess_cfg)
     t_data = time.time() - t_start
@@ -513,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        steps=args.steps, batch_size=args.batch_size,
                        lr=args.lr, seed=args.seed, device=args.device,
                        hard_negatives=hard_caption_pools(pairs, args.hard_pool, args.seed, hard_weights)
-                       if args.hard_negatives else None, hard_per_image=args.hard_per_image,
+                       if args.hard_negatives else None, hard_per_image=args.hard_per_image, twin_of=twin_of,
                        warmup_steps=args.warmup_steps, model=init_model, log=log)
     t_train = time.time() - t0
     log("evaluating on held-out scenes")

@@ -719,18 +719,45 @@ def scene_pair(seed: int, index: int, *, image_px: int = 128, n_captions: int = 
     return ScenePair(data, tuple(caps), describe(other, rng), describe(hard, rng), changed, attrs, unsafe)
 
 
-def scene_pairs(n: int, seed: int, *, workers: int = 1, **kwargs: Any) -> list[ScenePair]:
-    """``n`` scene pairs of stream ``seed`` (optionally rendered in ``workers`` processes)."""
+def scene_twin(pair: ScenePair, seed: int, index: int, *, image_px: int = 128, n_captions: int = 4,
+               short_fraction: float = 0.25, hard_weights: dict[str, float] | None = None) -> ScenePair:
+    """The minimal-pair twin of ``pair`` (scene ``index`` of stream ``seed``): the same scene — layout
+    jitter, background, texture, lighting — drawn with exactly one of :data:`HARD_ATTRIBUTES` changed
+    (drawn uniformly or by ``hard_weights``). Its ``hard_caption`` describes the original scene."""
+    rng = np.random.default_rng([seed, 10, index])
+    attrs, changed = change_one_attribute(pair.attrs, rng, weights=hard_weights)
+    img = render_scene(attrs, [seed, 9, index, 1], image_px=image_px, unsafe=pair.unsafe)
+    data = encode_image(img, "PNG" if pair.image_bytes[:4] == b"\x89PNG" else "JPEG")
+    caps = []
+    for k in range(n_captions):
+        short = k > 0 and rng.random() < short_fraction
+        caps.append(describe(attrs, rng, short=short, unsafe=pair.unsafe and (k % 2 == 0 or short)))
+    other = sample_attributes(rng)
+    while all(other[a] == attrs[a] for a in HARD_ATTRIBUTES):
+        other = sample_attributes(rng)
+    return ScenePair(data, tuple(caps), describe(other, rng), describe(pair.attrs, rng), changed, attrs, pair.unsafe)
+
+
+def scene_pairs(n: int, seed: int, *, workers: int = 1, twins: bool = False, **kwargs: Any) -> list[ScenePair]:
+    """``n`` scene pairs of stream ``seed`` (optionally rendered in ``workers`` processes).
+
+    ``twins``: also render each scene's :func:`scene_twin`; the result is then ``2n`` long and item
+    ``n + i`` is the twin of item ``i``.
+    """
     if workers <= 1 or n < 256:
-        return [scene_pair(seed, i, **kwargs) for i in range(n)]
-    from concurrent.futures import ProcessPoolExecutor
-    import functools
+        chunks = [_scene_pair_chunk(range(n), seed, kwargs, twins)]
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+        import functools
 
-    fn = functools.partial(_scene_pair_chunk, seed=seed, kwargs=kwargs)
-    chunks = [range(s, min(n, s + 512)) for s in range(0, n, 512)]
-    with ProcessPoolExecutor(workers) as pool:
-        return [p for chunk in pool.map(fn, chunks) for p in chunk]
+        fn = functools.partial(_scene_pair_chunk, seed=seed, kwargs=kwargs, twins=twins)
+        with ProcessPoolExecutor(workers) as pool:
+            chunks = list(pool.map(fn, [range(s, min(n, s + 512)) for s in range(0, n, 512)]))
+    return [p for c in chunks for p in c[0]] + [t for c in chunks for t in c[1]]
 
 
-def _scene_pair_chunk(indices: range, seed: int, kwargs: dict) -> list[ScenePair]:
-    return [scene_pair(seed, i, **kwargs) for i in indices]
+def _scene_pair_chunk(indices: range, seed: int, kwargs: dict,
+                      twins: bool = False) -> tuple[list[ScenePair], list[ScenePair]]:
+    pairs = [scene_pair(seed, i, **kwargs) for i in indices]
+    twin_kwargs = {k: v for k, v in kwargs.items() if k in ("image_px", "n_captions", "short_fraction", "hard_weights")}
+    return pairs, ([scene_twin(p, seed, i, **twin_kwargs) for p, i in zip(pairs, indices)] if twins else [])

@@ -134,6 +134,41 @@ def test_several_hard_negatives_per_image(micro_pairs):
     assert seen == [16 * 4, 16 * 4]  # 16 matched captions + 3 hard ones per image, each step
 
 
+def test_twin_batches_hold_each_scene_with_its_twin():
+    pairs = W.scene_pairs(12, seed=4, twins=True, hard_weights={"shape": 1.0})
+    n = len(pairs) // 2
+    twin_of = list(range(n, 2 * n)) + list(range(n))
+    batches = []
+    orig = T._normalise
+    T._normalise = lambda px, cfg, dev: (batches.append(px.clone()), orig(px, cfg, dev))[1]
+    try:
+        T.train_clip([p.image_bytes for p in pairs], [p.captions for p in pairs], model_cfg=MICRO_CFG, steps=3,
+                     batch_size=8, twin_of=twin_of, hard_negatives=[(p.hard_caption,) for p in pairs])
+    finally:
+        T._normalise = orig
+    pixels = T.images_to_uint8([p.image_bytes for p in pairs])
+    for batch in batches:  # 4 scenes, then their 4 twins, in the same order
+        rows = [next(i for i in range(2 * n) if torch.equal(pixels[i], img)) for img in batch]
+        assert len(rows) == 8 and len(set(rows)) == 8
+        assert [twin_of[r] for r in rows[:4]] == rows[4:]
+    with pytest.raises(ValueError, match="twin_of"):
+        T.train_clip([p.image_bytes for p in pairs], [p.captions for p in pairs], model_cfg=MICRO_CFG, steps=1,
+                     twin_of=list(range(2 * n)))  # everyone its own twin
+
+
+def test_transplant_keeps_text_tower_under_a_new_image_tower():
+    torch.manual_seed(0)
+    vit = T.build_model(MICRO_CFG)
+    rn_cfg = copy.deepcopy(MICRO_CFG)
+    rn_cfg["vision_cfg"] = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16}
+    rn, taken = T.transplant_weights(vit, T.build_model(rn_cfg))
+    text_keys = [k for k in vit.state_dict() if not k.startswith("visual.")]
+    assert taken == len(text_keys) and taken > 10
+    assert all(torch.equal(rn.state_dict()[k], vit.state_dict()[k]) for k in text_keys)
+    tokens = T.make_tokenizer(MICRO_CFG)(["two red circles"])
+    assert torch.equal(rn.encode_text(tokens), vit.encode_text(tokens))
+
+
 def test_cli_end_to_end_writes_loadable_checkpoint(tmp_path, capsys):
     out = tmp_path / "tiny"
     rc = T.main(["--output", str(out), "--steps", "3", "--batch-size", "16", "--scenes", "64", "--workers", "1",

@@ -279,3 +279,22 @@ def test_hard_weights_steer_the_changed_attribute():
     assert {p.hard_attribute for p in pairs} == {"position"}
     uniform = W.scene_pairs(200, seed=4)
     assert len({p.hard_attribute for p in uniform}) == 4
+
+
+def test_scene_twin_is_the_same_scene_with_one_attribute_changed():
+    pairs = W.scene_pairs(30, seed=6, twins=True, hard_weights={"shape": 0.5, "count": 0.5})
+    assert pairs[:30] == W.scene_pairs(30, seed=6, hard_weights={"shape": 0.5, "count": 0.5})
+    assert pairs == W.scene_pairs(300, seed=6, twins=True, workers=2,
+                                  hard_weights={"shape": 0.5, "count": 0.5})[:30] + \
+        W.scene_pairs(300, seed=6, twins=True, workers=2, hard_weights={"shape": 0.5, "count": 0.5})[300:330]
+    for original, twin in zip(pairs[:30], pairs[30:]):
+        changed = [a for a in original.attrs if original.attrs[a] != twin.attrs[a]]
+        assert changed == [twin.hard_attribute] and twin.hard_attribute in ("shape", "count")
+        a = np.asarray(W.decode_image(original.image_bytes)).astype(int)
+        b = np.asarray(W.decode_image(twin.image_bytes)).astype(int)
+        differing = (np.abs(a - b).sum(2) > 60).mean()
+        assert 0.002 < differing < 0.25  # same background, lighting and layout; only the objects differ
+        assert twin.captions[0] != original.captions[0]
+        word = W.plural(original.attrs["shape"], original.attrs["count"]) if twin.hard_attribute == "shape" else None
+        if word:  # the twin's hard negative describes the original scene
+            assert word in twin.hard_caption and word not in twin.captions[0]
