@@ -48,6 +48,21 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
+#: Beam's local job service (DirectRunner multi-process mode) re-logs every worker log line at INFO.
+BEAM_WORKER_ECHO_LOGGER = "apache_beam.runners.portability.local_job_service"
+
+
+class QuietBeamWorkerEcho(logging.Filter):
+    """Keep the worker lines a user needs (clip-curate's own, and Beam's warnings and errors); drop the
+    SDK harness chatter the local job service echoes at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        msg = record.getMessage()
+        return "/clip_curate/" in msg or any(f"severity: {s}" in msg for s in ("WARN", "ERROR", "CRITICAL"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -60,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
+        logging.getLogger(BEAM_WORKER_ECHO_LOGGER).addFilter(QuietBeamWorkerEcho())
     try:
         return int(COMMANDS[command](rest) or 0)
     except ConfigError as exc:

@@ -36,13 +36,22 @@ import torch.nn.functional as F
 
 from clip_curate import world as W
 
-#: Architecture of ``synthetic-tiny``: 4-layer ViT on 64 px (16 px patches), 4-layer text transformer
-#: over open_clip's BPE vocabulary (``get_tokenizer("ViT-B-32")``) with a 32-token context.
+#: The trainer's default architecture (``synthetic-tiny``'s first five stages): 4-layer ViT on 64 px
+#: (16 px patches), 4-layer text transformer over open_clip's BPE vocabulary (``get_tokenizer("ViT-B-32")``)
+#: with a 32-token context.
 TINY_MODEL_CFG: dict[str, Any] = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 128, "layers": 4, "head_width": 32,
                    "mlp_ratio": 2.0},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 4},
+}
+#: The shipped ``synthetic-tiny``: the same text tower under a small open_clip ``ModifiedResNet`` image
+#: tower (one bottleneck per stage, width 16, attention pooling) on 64 px. Convolutions tell the world's
+#: small shapes apart far better than 16 px ViT patches (held-out shape-change AUC 0.77 -> 0.88+).
+TINY_RESNET_MODEL_CFG: dict[str, Any] = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 32},
+    "text_cfg": dict(TINY_MODEL_CFG["text_cfg"]),
 }
 TINY_PREPROCESS_CFG: dict[str, Any] = {
     "size": 64, "mode": "RGB", "mean": [0.48145466, 0.4578275, 0.40821073],

@@ -105,3 +105,19 @@ def test_declared_config_schema_is_in_sync_with_the_configs():
     with open(path) as f:
         declared = json.load(f)
     assert declared == config_json_schema(), "regenerate: python -m clip_curate.docgen config > schemas/config.json"
+
+
+def test_beam_worker_echo_keeps_our_lines_and_warnings_only():
+    import logging
+
+    from clip_curate.cli import QuietBeamWorkerEcho
+
+    def rec(msg, level=logging.INFO):
+        return logging.LogRecord("apache_beam.runners.portability.local_job_service", level, "x", 1, msg, None, None)
+
+    f = QuietBeamWorkerEcho()
+    ours = 'Worker: severity: INFO message: "download: DNS lookups 0" log_location: "/work/clip_curate/download.py:840"'
+    chatter = 'Worker: severity: INFO message: "No more requests" log_location: "/x/apache_beam/runners/worker/sdk_worker.py:287"'
+    warn = 'Worker: severity: WARN message: "slow bundle" log_location: "/x/apache_beam/runners/worker/sdk_worker.py:1"'
+    assert f.filter(rec(ours)) and f.filter(rec(warn)) and not f.filter(rec(chatter))
+    assert f.filter(rec("job failed", logging.ERROR))

@@ -25,7 +25,7 @@ from clip_curate.reader import ReaderConfig, plan_input, read_split
 from clip_curate.world import generate_world, serve_world
 from pipelines.curate import run
 
-T0, T = 0.5, 0.6          # loose first pass, then the threshold compared (synthetic-tiny recommends 0.6)
+T0, T = 0.5, 0.6          # loose first pass, then the threshold compared (synthetic-tiny recommends 0.77)
 COMMON = ["--clip-model", "synthetic-tiny", "--image-size", "64", "--progress-seconds", "0", "--shard-rows", "40",
           "--no-nsfw-concept"]  # like the demo: the default concept prompts are not tuned for the synthetic world
 

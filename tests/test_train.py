@@ -228,8 +228,10 @@ def test_shipped_checkpoint_files():
     cfg = json.loads((d / T.CONFIG_FILE).read_text())
     assert set(cfg) >= {"model_cfg", "preprocess_cfg"}
     report = json.loads((d / T.REPORT_FILE).read_text())
-    # target (a) >= 0.99 is met; target (b) >= 0.95 is not yet (0.927): guard against regressions
-    assert report["heldout"]["auc_random"] >= 0.99 and report["heldout"]["auc_hard"] >= 0.9
+    # the targets: (a) >= 0.99 (measured 1.0), (b) >= 0.95 (measured 0.979; shape changes 0.92)
+    assert report["heldout"]["auc_random"] >= 0.99 and report["heldout"]["auc_hard"] >= 0.95
+    assert min(report["heldout"]["auc_hard_by_attribute"].values()) >= 0.9
+    assert cfg["model_cfg"] == T.TINY_RESNET_MODEL_CFG and cfg["preprocess_cfg"]["size"] == 64
     assert report["settings"]["seed"] != report["settings"]["eval_seed"]
 
 
@@ -254,7 +256,7 @@ def test_shipped_model_separates_matched_from_mismatched_on_a_fresh_world(shippe
     auc_random = T.roc_auc(score[kind == "matched"], score[kind == "mismatch_random"])
     auc_hard = T.roc_auc(score[kind == "matched"], score[kind == "mismatch_hard"])
     assert auc_random >= 0.98, auc_random
-    assert auc_hard >= 0.85, auc_hard  # measured 0.90 (held-out figure in training.json: 0.927)
+    assert auc_hard >= 0.93, auc_hard  # measured 0.96 (held-out figure in training.json: 0.979)
 
 
 def test_shipped_model_knows_the_unsafe_concept(shipped):
