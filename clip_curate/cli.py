@@ -56,10 +56,15 @@ class QuietBeamWorkerEcho(logging.Filter):
     """Keep the worker lines a user needs (clip-curate's own, and Beam's warnings and errors); drop the
     SDK harness chatter the local job service echoes at INFO."""
 
+    #: warnings every local worker prints at start-up, harmless for a local run
+    BENIGN = ("No semi_persistent_directory found", "Discarding unparseable args")
+
     def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if any(b in msg for b in self.BENIGN):
+            return False
         if record.levelno >= logging.WARNING:
             return True
-        msg = record.getMessage()
         return "/clip_curate/" in msg or any(f"severity: {s}" in msg for s in ("WARN", "ERROR", "CRITICAL"))
 
 

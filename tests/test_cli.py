@@ -121,3 +121,5 @@ def test_beam_worker_echo_keeps_our_lines_and_warnings_only():
     warn = 'Worker: severity: WARN message: "slow bundle" log_location: "/x/apache_beam/runners/worker/sdk_worker.py:1"'
     assert f.filter(rec(ours)) and f.filter(rec(warn)) and not f.filter(rec(chatter))
     assert f.filter(rec("job failed", logging.ERROR))
+    benign = 'Worker: severity: WARN message: "No semi_persistent_directory found: User registered objects"'
+    assert not f.filter(rec(benign, logging.WARNING))
