@@ -65,7 +65,8 @@ class QuietBeamWorkerEcho(logging.Filter):
             return False
         if record.levelno >= logging.WARNING:
             return True
-        return "/clip_curate/" in msg or any(f"severity: {s}" in msg for s in ("WARN", "ERROR", "CRITICAL"))
+        location = msg.rsplit("log_location:", 1)[-1] if "log_location:" in msg else ""
+        return "/clip_curate/" in location or any(f"severity: {s}" in msg for s in ("WARN", "ERROR", "CRITICAL"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
