@@ -612,10 +612,7 @@ def generate_world(n: int, seed: int, *, mismatch_random: float = 0.15, mismatch
         truth: dict[str, Any] = {"kind": kind, **attrs, "caption_ok": True, "unsafe": is_unsafe}
         ctype = "image/png" if fmt == "PNG" else "image/jpeg"
         if kind == "mismatch_random":
-            other = sample_attributes(rng)
-            while all(other[a] == attrs[a] for a in HARD_ATTRIBUTES):
-                other = sample_attributes(rng)
-            caption = describe(other, rng)
+            caption = describe(_unrelated_attributes(attrs, rng), rng)
             truth["caption_ok"] = False
         elif kind == "mismatch_hard":
             other, changed = change_one_attribute(attrs, rng)
@@ -699,6 +696,25 @@ class ScenePair:
     unsafe: bool = False
 
 
+def _captions_and_other(attrs: dict[str, Any], rng: np.random.Generator, n_captions: int, short_fraction: float,
+                        unsafe: bool) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """``n_captions`` matched captions of ``attrs`` and the attributes of an unrelated scene (for the
+    random mismatch), drawn from ``rng`` in this order."""
+    caps = []
+    for k in range(n_captions):
+        short = k > 0 and rng.random() < short_fraction
+        caps.append(describe(attrs, rng, short=short, unsafe=unsafe and (k % 2 == 0 or short)))
+    return tuple(caps), _unrelated_attributes(attrs, rng)
+
+
+def _unrelated_attributes(attrs: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """Attributes of a random scene that differs from ``attrs`` in at least one of :data:`HARD_ATTRIBUTES`."""
+    other = sample_attributes(rng)
+    while all(other[a] == attrs[a] for a in HARD_ATTRIBUTES):
+        other = sample_attributes(rng)
+    return other
+
+
 def scene_pair(seed: int, index: int, *, image_px: int = 128, n_captions: int = 4,
                unsafe_fraction: float = 0.03, short_fraction: float = 0.25,
                hard_weights: dict[str, float] | None = None) -> ScenePair:
@@ -708,15 +724,9 @@ def scene_pair(seed: int, index: int, *, image_px: int = 128, n_captions: int = 
     unsafe = bool(rng.random() < unsafe_fraction)
     fmt = "PNG" if rng.random() < 0.1 else "JPEG"
     attrs, data = _scene(rng, [seed, 9, index], image_px, unsafe=unsafe, fmt=fmt)
-    caps = []
-    for k in range(n_captions):
-        short = k > 0 and rng.random() < short_fraction
-        caps.append(describe(attrs, rng, short=short, unsafe=unsafe and (k % 2 == 0 or short)))
-    other = sample_attributes(rng)
-    while all(other[a] == attrs[a] for a in HARD_ATTRIBUTES):
-        other = sample_attributes(rng)
+    caps, other = _captions_and_other(attrs, rng, n_captions, short_fraction, unsafe)
     hard, changed = change_one_attribute(attrs, rng, weights=hard_weights)
-    return ScenePair(data, tuple(caps), describe(other, rng), describe(hard, rng), changed, attrs, unsafe)
+    return ScenePair(data, caps, describe(other, rng), describe(hard, rng), changed, attrs, unsafe)
 
 
 def scene_twin(pair: ScenePair, seed: int, index: int, *, image_px: int = 128, n_captions: int = 4,
@@ -728,14 +738,8 @@ def scene_twin(pair: ScenePair, seed: int, index: int, *, image_px: int = 128, n
     attrs, changed = change_one_attribute(pair.attrs, rng, weights=hard_weights)
     img = render_scene(attrs, [seed, 9, index, 1], image_px=image_px, unsafe=pair.unsafe)
     data = encode_image(img, "PNG" if pair.image_bytes[:4] == b"\x89PNG" else "JPEG")
-    caps = []
-    for k in range(n_captions):
-        short = k > 0 and rng.random() < short_fraction
-        caps.append(describe(attrs, rng, short=short, unsafe=pair.unsafe and (k % 2 == 0 or short)))
-    other = sample_attributes(rng)
-    while all(other[a] == attrs[a] for a in HARD_ATTRIBUTES):
-        other = sample_attributes(rng)
-    return ScenePair(data, tuple(caps), describe(other, rng), describe(pair.attrs, rng), changed, attrs, pair.unsafe)
+    caps, other = _captions_and_other(attrs, rng, n_captions, short_fraction, pair.unsafe)
+    return ScenePair(data, caps, describe(other, rng), describe(pair.attrs, rng), changed, attrs, pair.unsafe)
 
 
 def scene_pairs(n: int, seed: int, *, workers: int = 1, twins: bool = False, **kwargs: Any) -> list[ScenePair]:
