@@ -58,7 +58,7 @@ TEST_TINY_PREPROCESS_CFG: dict[str, Any] = {
 }
 
 #: ``--min-clip-score`` recommended per model (cosine). synthetic-tiny: measured on fresh worlds
-#: (see docs/readme/clip.md); ViT-B-32: the LAION-400M threshold (OpenAI ViT-B/32 weights).
+#: (see docs/readme/tiny-model.md); ViT-B-32: the LAION-400M threshold (OpenAI ViT-B/32 weights).
 RECOMMENDED_THRESHOLDS: dict[str, float] = {
     SYNTHETIC_TINY: 0.77,
     "ViT-B-32": 0.28,
