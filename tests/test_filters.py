@@ -230,6 +230,6 @@ def test_synthetic_tiny_filters_mismatches_in_a_fresh_world():
         recall_by_kind[kind] = sum(r["truth_kind"].split(":")[0] == kind for r in rejected) / k_total
     assert precision >= 0.9, f"threshold {threshold}: P={precision:.3f}\n{report}"
     assert recall_by_kind["mismatch_random"] >= 0.9, f"{recall_by_kind}\n{report}"
-    assert recall_by_kind["mismatch_hard"] >= 0.75, f"{recall_by_kind}\n{report}"  # measured 0.83 at 0.77
-    # the bar for the bundled model on a fresh world: precision and recall >= 0.9 (measured 0.995 / 0.917)
+    assert recall_by_kind["mismatch_hard"] >= 0.75, f"{recall_by_kind}\n{report}"  # measured 0.89 at 0.77
+    # the bar for the bundled model on a fresh world: precision and recall >= 0.9 (measured 1.0 / 0.944)
     assert tp / sum(bad) >= 0.9, f"recall {tp / sum(bad):.3f}\n{report}"
