@@ -1,7 +1,7 @@
 # GPU worker image for Dataflow (custom container) and other portable runners.
 #   docker build -t REGION-docker.pkg.dev/PROJECT/REPO/clip-curate:0.1 .
 #   docker push REGION-docker.pkg.dev/PROJECT/REPO/clip-curate:0.1
-# then run with --sdk_container_image=REGION-docker.pkg.dev/PROJECT/REPO/clip-curate:0.1 (see README "Dataflow").
+# then run with --sdk_container_image=REGION-docker.pkg.dev/PROJECT/REPO/clip-curate:0.1 (see docs/scale.md).
 ARG CUDA_BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ARG BEAM_VERSION=2.77.0
 FROM apache/beam_python3.11_sdk:${BEAM_VERSION} AS beam_sdk
