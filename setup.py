@@ -1,5 +1,5 @@
 """clip-curate: Apache Beam transforms that curate web image-caption pairs for CLIP pretraining."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
     "apache-beam[gcp]>=2.60",
@@ -37,11 +37,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=[
-        "clip_curate", "clip_curate.testing", "clip_curate.data",
-        "clip_curate.schemas", "pipelines",
-    ],
-    package_dir={"clip_curate.schemas": "schemas"},
+    packages=find_packages(include=["clip_curate", "clip_curate.*", "pipelines"]),
     package_data={
         "clip_curate.schemas": ["*.json"],
         "clip_curate.data": ["*.txt", "*.yaml", "*.html", "*.j2", "*/*.json", "*/*.safetensors"],
@@ -50,7 +46,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "scikit-image>=0.21", "img2dataset>=1.45"],
-        "gpu": [],  # torch wheels on PyPI already ship CUDA on x86_64; see README "GPU".
+        "gpu": [],  # torch wheels on PyPI already ship CUDA on x86_64; see docs/scale.md.
         "dev": ["pytest>=7", "pytest-timeout>=2", "scikit-image>=0.21", "img2dataset>=1.45", "build"],
     },
     entry_points={"console_scripts": ["clip-curate=clip_curate.cli:main"]},

@@ -91,7 +91,7 @@ def _recall(best: np.ndarray, twins: np.ndarray) -> float:
 
 def core_semantic(n: int, threshold: float = 0.95, max_group: int = 5000, sample: int = 50_000,
                   spread: float = 0.9) -> dict:
-    from clip_curate.dedup_core import fit_semantic_model, semantic_best_dropper, semantic_keys
+    from clip_curate.stages.dedup.semantic import fit_semantic_model, semantic_best_dropper, semantic_keys
 
     x, twins = embeddings(n, spread=spread)
     score = np.random.default_rng(1).random(n).astype(np.float32)  # clip_score: the rank
@@ -131,7 +131,7 @@ def core_semantic(n: int, threshold: float = 0.95, max_group: int = 5000, sample
 
 
 def core_near(n: int, hamming: int = 6) -> dict:
-    from clip_curate.dedup_core import band_masks, near_best_dropper
+    from clip_curate.stages.dedup.near import band_masks, near_best_dropper
 
     h, twins = phashes(n, hamming)
     score = np.random.default_rng(1).random(n).astype(np.float32)
@@ -176,7 +176,7 @@ def beam_run(kind: str, n: int) -> dict:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from clip_curate.dedup import Dedup, DedupConfig
+    from clip_curate.stages.dedup import Dedup, DedupConfig
 
     cfg = DedupConfig(dedup=(kind,))
     twins = (embeddings(n) if kind == "semantic" else phashes(n, 6))[1]

@@ -107,7 +107,7 @@ class PythonServer:
     """The project's asyncio web server in a spawned process (when nginx is not installed)."""
 
     def __init__(self, bodies: dict[str, bytes]):
-        from clip_curate.testing.webserver import Route, WebServer
+        from clip_curate.synthetic.webserver import Route, WebServer
 
         self.server = WebServer({p: Route(b, content_type="image/jpeg") for p, b in bodies.items()}, process=True)
 

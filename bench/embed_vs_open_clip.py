@@ -61,7 +61,7 @@ def bare_loop(rows, loaded, batch_size: int) -> float:
     import torch
     from PIL import Image
 
-    from clip_curate.clip_model import autocast_context
+    from clip_curate.models.clip import autocast_context
 
     dev = loaded.device
     t0 = time.perf_counter()
@@ -108,7 +108,7 @@ def beam_run(chunk_paths, cfg, n: int, beam_args: list[str]) -> tuple[float, flo
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from clip_curate.embed import Embed
+    from clip_curate.stages.embed import Embed
 
     p = beam.Pipeline(options=PipelineOptions(beam_args))
     rows = (p | beam.Create(chunk_paths) | "Load" >> beam.FlatMap(_load_chunk)
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     import torch
 
     logging.basicConfig(level=logging.WARNING)
-    from clip_curate.clip_model import ModelConfig, load_clip
+    from clip_curate.models.clip import ModelConfig, load_clip
 
     cfg = ModelConfig(clip_model=args.model, clip_pretrained=args.pretrained, device=args.device,
                       precision=args.precision, batch_size=args.batch_size)

@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_data(d: str, rows: int, seed: int, workers: int) -> None:
-    from clip_curate import world as W
-    from clip_curate.clip_model import recommended_threshold
-    from pipelines.curate import run
+    from clip_curate.synthetic import world as W
+    from clip_curate.models.clip import recommended_threshold
+    from clip_curate.run import run
 
     os.makedirs(d, exist_ok=True)
     w = W.generate_world(rows, seed, broken_404=0.03, broken_not_image=0.02)
@@ -73,7 +73,7 @@ def main() -> int:
     if args.phase in ("all", "data"):
         build_data(args.dir, args.rows, args.world_seed, args.workers)
     if args.phase in ("all", "eval"):
-        from clip_curate import evaluate
+        from clip_curate.synthetic import evaluate
 
         heldout = os.path.join(args.dir, "heldout")
         if not os.path.exists(os.path.join(heldout, evaluate.EVAL_FILE)):

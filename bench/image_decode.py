@@ -20,7 +20,7 @@ from PIL import Image
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from clip_curate.image import ImageConfig, process_image  # noqa: E402
+from clip_curate.stages.image import ImageConfig, process_image  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
           "cat", "camera", "colorwheel")

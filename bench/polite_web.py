@@ -26,7 +26,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_curate.testing.webserver import Route, WebServer, loopback_hosts, tiny_jpeg
+from clip_curate.synthetic.webserver import Route, WebServer, loopback_hosts, tiny_jpeg
 
 
 def build_web(n_urls: int, n_hosts: int, slow_fraction: float, slow_s: float, seed: int = 0):

@@ -1,6 +1,6 @@
 """Curating a pool already on disk: a WebDataset pool in img2dataset's layout, end to end, then a re-filter.
 
-1. Build the pool (no network): N synthetic scenes (clip_curate.world) written straight into tar shards of
+1. Build the pool (no network): N synthetic scenes (clip_curate.synthetic.world) written straight into tar shards of
    ``--shard-size`` samples as ``{key}.jpg`` / ``{key}.txt`` / ``{key}.json``, with img2dataset's metadata
    Parquet beside each shard (including ``--failed-fraction`` of failed downloads, which are never in the
    tar). Captions: 70 % matched, 15 % random and 15 % hard (one attribute changed) mismatches.
@@ -52,7 +52,7 @@ def build_pool(directory: str, n: int, shard_size: int, failed_fraction: float, 
     """Write the pool; returns counts and timing."""
     import hashlib
 
-    from clip_curate.world import scene_pairs
+    from clip_curate.synthetic.world import scene_pairs
 
     t0 = time.monotonic()
     pairs = scene_pairs(n, seed, workers=workers, image_px=128, n_captions=1)

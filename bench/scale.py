@@ -1,6 +1,6 @@
 """Memory and throughput at scale: does peak RSS stay flat as the input grows?
 
-For each ``--sizes`` N, builds a synthetic world of N URL rows (``clip_curate.world``: matched and
+For each ``--sizes`` N, builds a synthetic world of N URL rows (``clip_curate.synthetic.world``: matched and
 mismatched captions, exact and near duplicates, unsafe scenes, 404s and HTML pages; ``--image-px``
 square JPEG/PNG scenes), serves it from a separate process on 127.0.0.1, and runs ``clip-curate run``
 through **all stages** (caption, download, image, embed with ``synthetic-tiny``, clip filter, dedup
@@ -58,8 +58,8 @@ def measure(cmd: list[str], log_path: str, interval: float = 0.5) -> dict:
 
 
 def run_size(n: int, args, extra: list[str], workdir: str) -> dict:
-    from clip_curate import world as W
-    from clip_curate.clip_model import recommended_threshold
+    from clip_curate.synthetic import world as W
+    from clip_curate.models.clip import recommended_threshold
 
     t0 = time.monotonic()
     w = W.generate_world(n, args.seed, broken_404=0.03, broken_not_image=0.02, image_px=args.image_px)

@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> int:
-    from clip_curate import train as T
-    from clip_curate import world as W
+    from clip_curate.synthetic import train as T
+    from clip_curate.synthetic import world as W
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", default=str(T.synthetic_tiny_dir()), help="local-dir checkpoint (default: synthetic-tiny)")

@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from clip_curate.options import ConfigError
+from clip_curate.fields import ConfigError
 
 USAGE = """usage: clip-curate COMMAND [flags]
 
@@ -23,8 +23,8 @@ Run 'clip-curate COMMAND --help' for the flags of a command.
 
 
 def _cmd_run(argv: Sequence[str]) -> int:
-    from pipelines.curate import run
-    from clip_curate.summary import format_summary
+    from clip_curate.run import run
+    from clip_curate.stats import format_summary
 
     stats = run(argv)
     print(format_summary(stats))
@@ -40,11 +40,11 @@ def _lazy(module: str, func: str) -> Callable[[Sequence[str]], int]:
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "run": _cmd_run,
-    "demo": _lazy("clip_curate.demo", "main"),
-    "audit": _lazy("clip_curate.audit", "main"),
+    "demo": _lazy("clip_curate.synthetic.demo", "main"),
+    "audit": _lazy("clip_curate.audit.assemble", "main"),
     "export": _lazy("clip_curate.export", "main"),
-    "evaluate": _lazy("clip_curate.evaluate", "main"),
-    "train-tiny": _lazy("clip_curate.train", "main"),
+    "evaluate": _lazy("clip_curate.synthetic.evaluate", "main"),
+    "train-tiny": _lazy("clip_curate.synthetic.train", "main"),
 }
 
 

@@ -1,39 +1,124 @@
-"""Parse ``clip-curate run`` flags and ``--config FILE.yaml`` into a validated ``CurateConfig``.
+"""The run's configuration: one typed config per stage, the reader, the output and the run itself.
 
-Precedence: stage defaults < YAML config < command-line flags. YAML keys are the flag names with
-dashes or underscores (``min-clip-score`` or ``min_clip_score``); a ``beam:`` mapping or list holds
-Beam pipeline options. Unknown keys and unknown flags are errors that name the key.
+``parse_run_args`` turns ``clip-curate run`` flags and ``--config FILE.yaml`` into a validated
+:class:`CurateConfig`. Precedence: stage defaults < YAML config < command-line flags. YAML keys are the
+flag names with dashes or underscores (``min-clip-score`` or ``min_clip_score``); a ``beam:`` mapping or
+list holds Beam pipeline options. Unknown keys and unknown flags are errors that name the key.
+
+Cross-stage checks live here too: :func:`plan_passes` (``--chunk-rows``) and :func:`check_environment`
+(files and models every enabled stage needs, before any work).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import sys
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import yaml
 
-from clip_curate.options import ConfigError, add_config_arguments, coerce_value, config_from_namespace, config_keys
-from clip_curate.pipeline import CurateConfig, RunConfig, stage_config_classes
-from clip_curate.reader import ReaderConfig
-from clip_curate.writer import OutputConfig
+from clip_curate import stages as _stages  # noqa: F401 - registers the built-in stages
+from clip_curate.audit.assemble import AuditConfig
+from clip_curate.fields import (ConfigError, OneLineParser, add_config_arguments, coerce_value, config_from_namespace,
+                                config_keys, opt, validate_beam_args)
+from clip_curate.models.clip import ModelConfig, has_clip_model
+from clip_curate.readers.base import ReaderConfig
+from clip_curate.stages.base import registered, stage_names
+from clip_curate.writers import OutputConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Which stages run and how the run behaves."""
+
+    stages: tuple[str, ...] = opt(("all",), "stages to run: all, none, or a subset of "
+                                            + ",".join(stage_names()) + " (read and write always run)")
+    audit: bool = opt(False, "also compute the bias audit into OUT/audit/ at the end of the run")
+    resume: bool = opt(False, "skip input rows already accounted for in OUT (curated or rejected), dedup the "
+                              "new rows against OUT's rows, and write new shards beside the old ones")
+    log_level: str = opt("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    progress_seconds: float = opt(10.0, "seconds between progress lines (0 = off)")
+    chunk_rows: int = opt(0, "run the input in passes of about this many rows (picked by uid hash), one Beam "
+                             "job each, so a local run's memory stays flat however large the input; dedup "
+                             "spans the passes; 0 = one pass")
+
+    def __post_init__(self):
+        if not isinstance(self.chunk_rows, int) or self.chunk_rows < 0:
+            raise ConfigError(f"--chunk-rows must be an integer >= 0 (0 = one pass), got {self.chunk_rows!r}")
+        known = stage_names()
+        unknown = [s for s in self.stages if s not in ("all", "none") and s not in known]
+        if unknown:
+            raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from all,none,{','.join(known)}")
+
+    def enabled(self) -> tuple[str, ...]:
+        """The stages named by ``--stages``, in pipeline order."""
+        if "all" in self.stages:
+            return stage_names()
+        return tuple(s for s in stage_names() if s in self.stages)
+
+
+#: One typed field per registered stage (``cfg.stages.dedup`` is a ``DedupConfig``), made from the registry
+#: so that a new stage needs no edit here.
+StageConfigs = dataclasses.make_dataclass(
+    "StageConfigs", [(s.name, s.config, dataclasses.field(default_factory=s.config)) for s in registered()],
+    frozen=True)
+StageConfigs.__module__ = __name__  # picklable by name, like a class written out here
+StageConfigs.__doc__ = "Every stage's config, one typed field per registered stage."
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    """Everything one ``clip-curate run`` needs to know."""
+
+    reader: ReaderConfig
+    output: OutputConfig
+    run: RunConfig = RunConfig()
+    stages: StageConfigs = dataclasses.field(default_factory=StageConfigs)
+    audit: Optional[AuditConfig] = None
+
+    def stage(self, name: str) -> Any:
+        """The config of stage ``name``."""
+        return getattr(self.stages, name)
+
+    @property
+    def model(self) -> Optional[ModelConfig]:
+        """The CLIP model this run embeds with: None when the embed stage is off or ``--clip-model none``."""
+        embed = self.stages.embed
+        return embed if "embed" in self.run.enabled() and has_clip_model(embed) else None
+
 
 BASE_CONFIGS: tuple[tuple[str, type], ...] = (
     ("input", ReaderConfig), ("output", OutputConfig), ("run", RunConfig))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        raise ConfigError(message)
-
-
 def all_config_classes() -> list[tuple[str, type]]:
-    from clip_curate.audit import AuditConfig
-    return list(BASE_CONFIGS) + list(stage_config_classes().items()) + [("audit", AuditConfig)]
+    """(title, config class) of every flag group: input, output, run, each stage, audit."""
+    return list(BASE_CONFIGS) + [(s.name, s.config) for s in registered()] + [("audit", AuditConfig)]
+
+
+def plan_passes(cfg: CurateConfig, estimated_rows: int) -> int:
+    """How many passes ``--chunk-rows`` makes of an input of ``estimated_rows`` (1 without it).
+
+    Raises ConfigError for settings that need every row in one job (each stage says which)."""
+    if not cfg.run.chunk_rows or estimated_rows <= cfg.run.chunk_rows:
+        return 1
+    for stage in registered():
+        if stage.name in cfg.run.enabled() and stage.check_passes is not None:
+            stage.check_passes(cfg.stage(stage.name), cfg)
+    return -(-estimated_rows // cfg.run.chunk_rows)
+
+
+def check_environment(cfg: CurateConfig) -> None:
+    """Checks that need more than a config's own fields (files, models), run before any work starts."""
+    for stage in registered():
+        if stage.name in cfg.run.enabled() and stage.check is not None:
+            stage.check(cfg.stage(stage.name))
 
 
 def build_run_parser(prog: str = "clip-curate run") -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog=prog, allow_abbrev=False,
         description="Curate an image-caption URL list (or an existing pool) into curated + rejected Parquet. "
                     "Any other --flag is passed to Apache Beam (--runner, --direct_num_workers, --project, ...).",
@@ -86,7 +171,7 @@ def _check_against_declared_schema(data: dict, path: str) -> None:
     """Types and choices of known keys, per ``schemas/config.json`` (generated from the configs)."""
     import jsonschema
 
-    from clip_curate.schema import load_declaration
+    from clip_curate.schemas import load_declaration
 
     declared = load_declaration("config")["properties"]
     for raw_key, value in data.items():
@@ -109,29 +194,6 @@ def _beam_args_from_yaml(value: Any, path: str) -> list[str]:
     raise ConfigError(f"--config {path}: 'beam' must be a list of flags or a mapping")
 
 
-def validate_beam_args(beam_args: Sequence[str]) -> None:
-    """Error on flags that neither clip-curate nor any Beam PipelineOptions class knows."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    seen: set[type] = set()
-    stack = list(PipelineOptions.__subclasses__())
-    while stack:
-        cls = stack.pop()
-        if cls in seen:
-            continue
-        seen.add(cls)
-        stack.extend(cls.__subclasses__())
-        try:
-            cls._add_argparse_args(parser)
-        except argparse.ArgumentError:
-            pass  # options declared by two classes
-    _, unknown = parser.parse_known_args(list(beam_args))
-    flags = [u for u in unknown if u.startswith("-")]
-    if flags:
-        raise ConfigError(f"unknown flag {flags[0]} (see clip-curate run --help; Beam options are passed through)")
-
-
 def parse_run_args(argv: Sequence[str]) -> tuple[CurateConfig, list[str]]:
     """argv -> (validated CurateConfig, Beam pipeline args)."""
     parser = build_run_parser()
@@ -144,8 +206,8 @@ def parse_run_args(argv: Sequence[str]) -> tuple[CurateConfig, list[str]]:
     values.update({k: v for k, v in vars(ns).items() if k != "config"})
     validate_beam_args(beam_args)
     built = {title: config_from_namespace(cls, values) for title, cls in classes}
-    stages = {title: cfg for title, cfg in built.items() if title not in dict(BASE_CONFIGS) and title != "audit"}
-    return CurateConfig(built["input"], built["output"], built["run"], stages, built["audit"]), list(beam_args)
+    stage_cfgs = StageConfigs(**{s.name: built[s.name] for s in registered()})
+    return CurateConfig(built["input"], built["output"], built["run"], stage_cfgs, built["audit"]), list(beam_args)
 
 
 def print_error(prog: str, exc: BaseException) -> None:

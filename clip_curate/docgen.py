@@ -1,12 +1,13 @@
-"""Generate README reference tables from the declared configs and schemas (``python -m clip_curate.docgen``)."""
+"""Reference tables generated from the declared configs and schemas: docs/reference.md (``python docs/build_reference.py``)
+and the YAML config's JSON schema (``python -m clip_curate.docgen config > clip_curate/schemas/config.json``)."""
 from __future__ import annotations
 
 import dataclasses
 import sys
 
-from clip_curate import schema
+from clip_curate import schemas as schema
 from clip_curate.config import all_config_classes
-from clip_curate.options import flag_name
+from clip_curate.fields import flag_name
 
 
 def flags_table() -> str:
@@ -38,7 +39,7 @@ def config_json_schema() -> dict:
     """JSON Schema of the YAML ``--config`` file, generated from the stage config dataclasses."""
     import typing
 
-    from clip_curate.options import _base_type
+    from clip_curate.fields import _base_type
 
     props: dict = {}
     for title, cls in all_config_classes():

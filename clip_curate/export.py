@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 import fsspec
 import pyarrow.parquet as pq
 
-from clip_curate.options import ConfigError
+from clip_curate.fields import ConfigError
 
 log = logging.getLogger(__name__)
 

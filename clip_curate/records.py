@@ -48,6 +48,12 @@ def make_uid(url: str | None, caption: str | None) -> str:
     return h.hexdigest()[:32]
 
 
+def uid_hash(uid: str) -> int:
+    """Stable 63-bit hash of a uid (the same in every process, unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(uid.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "big") >> 1
+
+
 def check_reason(stage: str, reason: str) -> None:
     if stage not in REASONS or reason not in REASONS[stage]:
         raise ValueError(f"unknown rejection {stage}/{reason}; add it to clip_curate.records.REASONS")

@@ -23,8 +23,8 @@ Guarantees, when every run reads the same input: each input uid ends up exactly 
 killed can be resumed again (adoption is idempotent: a file adopted twice contributes nothing new).
 Rows of the dead run that were in flight are processed again from scratch (downloads repeat).
 
-Limitation: dedup decisions are made among the rows of one run. A resumed row that duplicates a row
-curated by an earlier run is not dropped (see docs/readme/distributed.md, "Resume").
+Dedup spans the runs: the output's earlier rows take part in the resumed run's dedup keys as
+already-decided rows (see docs/resume.md).
 """
 from __future__ import annotations
 
@@ -257,24 +257,6 @@ def output_counts(out_dir: str) -> dict[str, Any]:
                 by[reason] = by.get(reason, 0) + 1
                 counts["rejected_rows"] += 1
     return counts
-
-
-def merge_counts(stats: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
-    """stats of a resumed run + rows written by earlier runs = stats of the whole output."""
-    merged = dict(stats)
-    merged["curated_rows"] = stats["curated_rows"] + previous["curated_rows"]
-    merged["rejected_rows"] = stats["rejected_rows"] + previous["rejected_rows"]
-    merged["input_rows"] = stats["input_rows"] + previous["curated_rows"] + previous["rejected_rows"]
-    by = {s: dict(r) for s, r in stats["rejected_by"].items()}
-    for stage, reasons in previous["rejected_by"].items():
-        for reason, n in reasons.items():
-            by.setdefault(stage, {})[reason] = by.get(stage, {}).get(reason, 0) + n
-    merged["rejected_by"] = by
-    merged["resumed"] = {"previous_rows": previous["curated_rows"] + previous["rejected_rows"],
-                         "new_rows": stats["input_rows"]}
-    if "adopted" in previous:
-        merged["resumed"]["adopted_from_killed_run"] = previous["adopted"]
-    return merged
 
 
 def uids_in(paths: Iterable[str]) -> list[str]:

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from clip_curate.audit import (AuditConfig, BiasAudit, load_attributes, main, parse_attributes,
+from clip_curate.audit.assemble import (AuditConfig, BiasAudit, load_attributes, main, parse_attributes,
                                run_audit, zero_shot_group)
-from clip_curate.options import ConfigError
-from clip_curate.report import render_report
+from clip_curate.fields import ConfigError
+from clip_curate.audit.report import render_report
 
 ATTRS = """
 attributes:
@@ -213,7 +213,7 @@ def test_attribute_file_errors(tmp_path):
 
 
 def test_world_attribute_groups_parse():
-    from clip_curate.world import attribute_groups
+    from clip_curate.synthetic.world import attribute_groups
 
     spec = parse_attributes({"attributes": {"count": {"groups": attribute_groups("count")}}}, "world")
     assert len(spec.attributes[0].groups) == 4
@@ -223,7 +223,7 @@ def test_world_attribute_groups_parse():
 # clip-curate audit (reads Parquet outputs)
 
 def _write_outputs(out_dir):
-    from clip_curate.schema import curated_schema, rejected_schema, project
+    from clip_curate.schemas import curated_schema, rejected_schema, project
 
     os.makedirs(out_dir / "curated")
     os.makedirs(out_dir / "rejected")

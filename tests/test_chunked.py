@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_curate import cli
-from clip_curate import world as world_mod
-from clip_curate.dedup_core import uid_hash
+from clip_curate.synthetic import world as world_mod
+from clip_curate.records import uid_hash
 from clip_curate.resume import final_shards
-from pipelines.curate import run
+from clip_curate.run import run
 
 N_WORLD = 240
 FLAGS = ["--stages", "caption,download,image,dedup", "--dedup", "exact,near", "--language-candidates", "en,de",
@@ -135,7 +135,7 @@ def test_chunk_rows_refuses_settings_that_need_one_job(served, tmp_path, capsys)
 
 def test_prior_rows_rank_first_and_skip_other_models_embeddings(tmp_path):
     """Earlier rows outrank every new row; an embedding another model made is not compared."""
-    from clip_curate.dedup import PRIOR_SCORE, prior_records
+    from clip_curate.stages.dedup import PRIOR_SCORE, prior_records
 
     rows = [{"uid": "a", "url": "http://x/a.jpg", "caption": "c", "stage": None, "sha256": "s1", "phash": None,
              "image_embedding": [1.0, 0.0], "embed_model": "m1", "clip_score": 0.1},

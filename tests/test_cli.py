@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_curate import schema
+from clip_curate import schemas as schema
 from clip_curate.config import parse_run_args
-from clip_curate.options import ConfigError
+from clip_curate.fields import ConfigError
 
 
 def cli(*args, cwd=None):
@@ -84,7 +84,7 @@ def test_help_documents_every_flag():
     res = cli("run", "--help")
     assert res.returncode == 0
     from clip_curate.config import all_config_classes
-    from clip_curate.options import flag_name
+    from clip_curate.fields import flag_name
     import dataclasses
     for _, cls in all_config_classes():
         for f in dataclasses.fields(cls):
@@ -101,10 +101,10 @@ def test_declared_config_schema_is_in_sync_with_the_configs():
 
     from clip_curate.docgen import config_json_schema
 
-    path = os.path.join(os.path.dirname(__file__), "..", "schemas", "config.json")
+    path = os.path.join(os.path.dirname(__file__), "..", "clip_curate", "schemas", "config.json")
     with open(path) as f:
         declared = json.load(f)
-    assert declared == config_json_schema(), "regenerate: python -m clip_curate.docgen config > schemas/config.json"
+    assert declared == config_json_schema(), "regenerate: python -m clip_curate.docgen config > clip_curate/schemas/config.json"
 
 
 def test_beam_worker_echo_keeps_our_lines_and_warnings_only():

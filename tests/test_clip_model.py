@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from clip_curate import clip_model as cm
-from clip_curate.clip_model import (ModelConfig, encode_images, encode_texts, load_clip, model_id,
+from clip_curate.models import clip as cm
+from clip_curate.models.clip import (ModelConfig, encode_images, encode_texts, load_clip, model_id,
                                     validate_model_config)
-from clip_curate.options import ConfigError
+from clip_curate.fields import ConfigError
 
 TINY = ModelConfig(clip_model="test-tiny-random", device="cpu")
 TEXTS = ["a red circle", "two blue squares on a striped background", "ein roter Kreis"]
@@ -198,7 +198,7 @@ def test_cuda_without_gpu_is_an_error_not_a_fallback():
 
 def test_precision_flags_on_cpu(tiny, caplog):
     ref = encode_images(tiny, _images())
-    with caplog.at_level(logging.WARNING, logger="clip_curate.clip_model"):
+    with caplog.at_level(logging.WARNING, logger="clip_curate.models.clip"):
         validate_model_config(ModelConfig(clip_model="test-tiny-random", device="cpu", precision="fp16"))
     assert "--precision fp16: not supported on CPU; the embedding stage runs in fp32" in caplog.text
     fp16 = load_clip(ModelConfig(clip_model="test-tiny-random", device="cpu", precision="fp16"))
@@ -206,7 +206,7 @@ def test_precision_flags_on_cpu(tiny, caplog):
     np.testing.assert_allclose(encode_images(fp16, _images()), ref, atol=1e-6)
     caplog.clear()
     bf16_cfg = ModelConfig(clip_model="test-tiny-random", device="cpu", precision="bf16")
-    with caplog.at_level(logging.WARNING, logger="clip_curate.clip_model"):
+    with caplog.at_level(logging.WARNING, logger="clip_curate.models.clip"):
         validate_model_config(bf16_cfg)
     assert "--precision bf16 on CPU: runs under torch CPU autocast" in caplog.text
     bf16 = load_clip(bf16_cfg)

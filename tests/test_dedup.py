@@ -1,7 +1,7 @@
 """Dedup: exact, near (pHash LSH), semantic (SemDeDup), decontamination; the shared rule; worker/order independence.
 
 Ground truth: real photos (scikit-image) turned into re-encoded / resized / cropped / colour-shifted variants,
-the synthetic world (``clip_curate.world``) with its exact/near duplicates and eval leaks, and clustered
+the synthetic world (``clip_curate.synthetic.world``) with its exact/near duplicates and eval leaks, and clustered
 synthetic embeddings with planted near-identical twins.
 """
 import glob
@@ -19,14 +19,14 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
-from clip_curate.dedup import (Dedup, DedupConfig, band_keys, bucket_decisions, explain, fit_semantic_model,
+from clip_curate.stages.dedup import (Dedup, DedupConfig, band_keys, bucket_decisions, explain, fit_semantic_model,
                                load_eval_set, near_best_dropper, normalize_url, popcount64, rank_key,
                                semantic_best_dropper, semantic_keys)
-from clip_curate.image import ImageConfig, process_image
-from clip_curate.options import ConfigError
+from clip_curate.stages.image import ImageConfig, process_image
+from clip_curate.fields import ConfigError
 
 skdata = pytest.importorskip("skimage.data")
-world = pytest.importorskip("clip_curate.world")
+world = pytest.importorskip("clip_curate.synthetic.world")
 
 # Distinct photos (``cat`` is the same picture as ``chelsea``, so it is left out).
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry", "hubble_deep_field",

@@ -13,10 +13,10 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from clip_curate import records
-from clip_curate.download import (Download, DownloadConfig, address_block_reason, check_url, parse_resolve,
+from clip_curate.stages.download import (Download, DownloadConfig, address_block_reason, check_url, parse_resolve,
                                   sniff_image, status_reason, x_robots_opt_out)
-from clip_curate.options import ConfigError
-from clip_curate.testing.webserver import Route, WebServer, fault_routes, loopback_hosts, tiny_jpeg
+from clip_curate.fields import ConfigError
+from clip_curate.synthetic.webserver import Route, WebServer, fault_routes, loopback_hosts, tiny_jpeg
 
 JPEG = tiny_jpeg()
 FAST = dict(timeout=1.0, deadline=2.0, retries=2, retry_backoff=0.05, per_host_rps=0, robots_timeout=0.5)

@@ -14,8 +14,8 @@ from apache_beam.metrics.metric import MetricsFilter
 from PIL import Image
 
 from clip_curate import records
-from clip_curate.clip_model import ModelConfig, load_clip
-from clip_curate.embed import ClipModelHandler, Embed, pixel_plan, prepare_image
+from clip_curate.models.clip import ModelConfig, load_clip
+from clip_curate.stages.embed import ClipModelHandler, Embed, pixel_plan, prepare_image
 
 CFG = ModelConfig(clip_model="test-tiny-random", device="cpu", batch_size=4)
 

@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_curate import evaluate as E
+from clip_curate.synthetic import evaluate as E
 from clip_curate import export
-from clip_curate import world as W
+from clip_curate.synthetic import world as W
 from clip_curate.cli import main as cli_main
-from clip_curate.train import TINY_PREPROCESS_CFG
+from clip_curate.synthetic.train import TINY_PREPROCESS_CFG
 
 # a 2-layer micro model keeps the end-to-end runs to seconds
 MICRO_CFG = {"embed_dim": 16,

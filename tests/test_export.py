@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from clip_curate import export, schema
-from clip_curate import world as W
+from clip_curate import export, schemas as schema
+from clip_curate.synthetic import world as W
 from clip_curate.cli import main as cli_main
-from clip_curate.options import ConfigError
+from clip_curate.fields import ConfigError
 
 
 def _jpeg(i: int) -> bytes:
@@ -94,7 +94,7 @@ def test_open_clip_training_loader_convention(tmp_path):
     installed library's tarfile_to_samples stands in for that one step."""
     import webdataset as wds
     from open_clip_train.data import expand_urls, filter_no_caption_or_no_image, get_dataset_size
-    from clip_curate.train import make_preprocess, make_tokenizer
+    from clip_curate.synthetic.train import make_preprocess, make_tokenizer
 
     _write_curated(str(tmp_path), [_rows(12)])
     out = str(tmp_path / "wds")

@@ -10,9 +10,9 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from clip_curate import records
-from clip_curate.filters import (CaptionConfig, CaptionFilter, ClipFilterConfig, ClipScoreFilter, build_detector,
-                                 caption_verdict, clip_verdict, cutoff_from_quantiles)
-from clip_curate.options import ConfigError
+from clip_curate.stages.caption import CaptionConfig, CaptionFilter, build_detector, caption_verdict
+from clip_curate.stages.clip_score import ClipFilterConfig, ClipScoreFilter, clip_verdict, cutoff_from_quantiles
+from clip_curate.fields import ConfigError
 
 EN = "A red circle above two blue squares on a striped background"
 DE = "Ein roter Kreis über zwei blauen Quadraten auf gestreiftem Hintergrund"
@@ -195,13 +195,13 @@ def test_synthetic_tiny_filters_mismatches_in_a_fresh_world():
 
     Mismatched captions (random and one-attribute-changed together) are dropped with precision and recall
     >= 0.9 (the issue's bar); random ones alone with recall >= 0.9. Hard mismatches alone are the weaker kind
-    (held-out AUC 0.979, shape 0.92; docs/readme/tiny-model.md): their recall is guarded at the measured level."""
-    from clip_curate import clip_model as cm
-    from clip_curate.embed import Embed
+    (held-out AUC 0.979, shape 0.92; docs/model-card-synthetic-tiny.md): their recall is guarded at the measured level."""
+    from clip_curate.models import clip as cm
+    from clip_curate.stages.embed import Embed
 
     if not (cm.synthetic_tiny_dir() / cm.CONFIG_FILE).is_file():
         pytest.skip("synthetic-tiny is not bundled in this checkout")
-    from clip_curate import world
+    from clip_curate.synthetic import world
 
     w = world.generate_world(400, seed=31337, mismatch_random=0.2, mismatch_hard=0.2, dup_exact=0, dup_near=0,
                              unsafe=0, eval_leak=0)

@@ -13,8 +13,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image, ImageFile, ImageOps
 
 from clip_curate import records
-from clip_curate.image import DecodeResize, ImageConfig, output_size, process_image
-from clip_curate.options import ConfigError
+from clip_curate.stages.image import DecodeResize, ImageConfig, output_size, process_image
+from clip_curate.fields import ConfigError
 
 skdata = pytest.importorskip("skimage.data")
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the bombs are the point

@@ -15,7 +15,7 @@ NEEDED = [
     "clip_curate/data/synthetic-tiny/open_clip_config.json",
     "clip_curate/data/synthetic-tiny/open_clip_model.safetensors",
     "clip_curate/data/unsafe_words.txt", "clip_curate/data/attributes.yaml", "clip_curate/data/report.html.j2",
-    "clip_curate/pipeline.py", "pipelines/curate.py",
+    "clip_curate/pipeline.py", "clip_curate/run.py", "clip_curate/stages/dedup/core.py", "pipelines/curate.py",
 ]
 
 
@@ -41,7 +41,6 @@ def test_wheel_contains_schemas_model_and_package_data(built):
 def test_sdist_contains_schemas_model_and_package_data(built):
     (sdist,) = glob.glob(str(built / "*.tar.gz"))
     names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
-    sources = [n.replace("clip_curate/schemas/", "schemas/") for n in NEEDED]
-    missing = [n for n in sources if n not in names]
+    missing = [n for n in NEEDED if n not in names]
     assert not missing, missing
     assert "setup.py" in names and "README.md" in names

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from clip_curate.testing.webserver import Route, WebServer, fault_routes
+from clip_curate.synthetic.webserver import Route, WebServer, fault_routes
 
 skdata = pytest.importorskip("skimage.data")
 

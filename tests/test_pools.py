@@ -19,11 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_curate.cli import main as cli_main
-from clip_curate.options import ConfigError
-from clip_curate.pools import detect_pool_format
-from clip_curate.reader import ReaderConfig, plan_input, read_split
-from clip_curate.world import generate_world, serve_world
-from pipelines.curate import run
+from clip_curate.fields import ConfigError
+from clip_curate.readers.pools import detect_pool_format
+from clip_curate.readers import ReaderConfig, plan_input
+from clip_curate.readers.base import ReadRejection, read_split
+from clip_curate.synthetic.world import generate_world, serve_world
+from clip_curate.run import run
 
 T0, T = 0.5, 0.6          # loose first pass, then the threshold compared (synthetic-tiny recommends 0.77)
 COMMON = ["--clip-model", "synthetic-tiny", "--image-size", "64", "--progress-seconds", "0", "--shard-rows", "40",
@@ -321,15 +322,15 @@ def test_damaged_plain_webdataset_is_recorded_not_skipped(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         rows = [r for s in plan.splits for r in read_split(s, plan)]
     assert "shard-0.tar is damaged" in caplog.text
-    bad = [r for r in rows if "__reject__" in r]
-    reasons = [r["__reject__"] for r in bad]
+    bad = [r for r in rows if isinstance(r, ReadRejection)]
+    reasons = [(r.reason, r.detail) for r in bad]
     assert all(reason == "corrupt_shard" for reason, _ in reasons)
     by_shard = {s: [d for _, d in reasons if d.startswith(s)] for s in ("shard-0", "shard-1", "shard-2", "shard-3")}
     assert len(by_shard["shard-0"]) == 1 and items[1].uid in by_shard["shard-0"][0]
-    assert [r["uid"] for r in bad if r["__reject__"][1].startswith("shard-0")] == [items[1].uid]
+    assert [r.uid for r in bad if r.detail.startswith("shard-0")] == [items[1].uid]
     assert len(by_shard["shard-1"]) == 2 and any("count unknown" in d for d in by_shard["shard-1"])
     assert by_shard["shard-2"] == [] and len(by_shard["shard-3"]) == 1 and "not a readable tar" in by_shard["shard-3"][0]
-    good = {r["uid"] for r in rows if "__reject__" not in r}
+    good = {r["uid"] for r in rows if not isinstance(r, ReadRejection)}
     # WebDataset brace notation and globs name shards too
     assert len(plan_input(ReaderConfig(input=str(src / "shard-{0..2}.tar"))).splits) == 3
     assert len(plan_input(ReaderConfig(input=str(src / "shard-[01].tar"))).splits) == 2

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_curate import world as world_mod
-from clip_curate.testing.webserver import WebServer, fault_routes
+from clip_curate.synthetic import world as world_mod
+from clip_curate.synthetic.webserver import WebServer, fault_routes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULTS = ["/404", "/500", "/reset", "/truncated.jpg", "/random.jpg", "/html-as-image", "/loop-a", "/noai.jpg",

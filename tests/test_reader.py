@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_curate import records
-from clip_curate.options import ConfigError
-from clip_curate.reader import ReaderConfig, plan_input, read_split
+from clip_curate.fields import ConfigError
+from clip_curate.readers import ReaderConfig, plan_input
+from clip_curate.readers.base import ReadRejection, read_split
 
 ROWS = [{"url": f"http://h{i % 3}.test/{i}.jpg", "caption": f"caption {i}", "score": i / 10} for i in range(25)]
 
@@ -102,4 +103,6 @@ def test_bad_jsonl_lines_become_rows_to_reject(tmp_path):
     (tmp_path / "u.jsonl").write_text('{"url": "http://a.test/1.jpg", "caption": "a"}\nnot json\n[1, 2]\n')
     rows = _read_all(plan_input(ReaderConfig(input=str(tmp_path / "u.jsonl"))))
     assert len(rows) == 3
-    assert sum("__unreadable__" in r for r in rows) == 2
+    bad = [r for r in rows if isinstance(r, ReadRejection)]
+    assert len(bad) == 2 and {r.reason for r in bad} == {"unreadable_source"}
+    assert [r.detail.rsplit(":", 2)[-2:] for r in bad] == [["2", " not JSON"], ["3", " not an object"]]

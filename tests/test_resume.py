@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_curate import records
-from clip_curate import world as world_mod
-from clip_curate.resume import merge_counts, output_counts, temp_files
-from clip_curate.testing.webserver import Route, WebServer, fault_routes
+from clip_curate.synthetic import world as world_mod
+from clip_curate.resume import output_counts, temp_files
+from clip_curate.stats import merge_counts
+from clip_curate.synthetic.webserver import Route, WebServer, fault_routes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_WORLD = 220

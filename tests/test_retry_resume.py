@@ -6,7 +6,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_curate.testing.webserver import Route, WebServer, tiny_jpeg
+from clip_curate.synthetic.webserver import Route, WebServer, tiny_jpeg
 
 
 def cli(*args):

@@ -13,8 +13,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
 from clip_curate import records
-from clip_curate.options import ConfigError
-from clip_curate.safety import (SafetyCheck, SafetyConfig, WordList, caption_unsafe_term, concept_prompts,
+from clip_curate.fields import ConfigError
+from clip_curate.stages.safety import (SafetyCheck, SafetyConfig, WordList, caption_unsafe_term, concept_prompts,
                                 concept_scores, load_wordlist, parse_wordlist)
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat")
@@ -114,7 +114,7 @@ def test_multi_word_terms():
 
 
 def test_default_list_and_parse(tmp_path):
-    from clip_curate.world import UNSAFE_CAPTION_TERMS, generate_world
+    from clip_curate.synthetic.world import UNSAFE_CAPTION_TERMS, generate_world
 
     wl = load_wordlist()
     assert len(wl) > 100
@@ -179,7 +179,7 @@ def test_config_validation(tmp_path):
 def test_config_flags_roundtrip():
     import argparse
 
-    from clip_curate.options import add_config_arguments, config_from_namespace
+    from clip_curate.fields import add_config_arguments, config_from_namespace
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, SafetyConfig, "safety")
@@ -288,7 +288,7 @@ def test_reasons_are_in_vocabulary():
 
 def _synthetic_model_config():
     try:
-        from clip_curate.clip_model import ModelConfig
+        from clip_curate.models.clip import ModelConfig
     except ImportError:
         return None
     from importlib import resources
@@ -302,9 +302,9 @@ def test_concept_check_on_synthetic_world(tmp_path):
     """The world's unsafe motif (blood splatter) is found by the concept check with its own prompts."""
     model_config = _synthetic_model_config()
     if model_config is None:
-        pytest.skip("clip_curate.clip_model / bundled synthetic-tiny model not available in this checkout")
-    from clip_curate.clip_model import load_clip
-    from clip_curate.world import NEUTRAL_CONCEPT_PROMPTS, UNSAFE_CONCEPT_PROMPTS, generate_world
+        pytest.skip("clip_curate.models.clip / bundled synthetic-tiny model not available in this checkout")
+    from clip_curate.models.clip import load_clip
+    from clip_curate.synthetic.world import NEUTRAL_CONCEPT_PROMPTS, UNSAFE_CONCEPT_PROMPTS, generate_world
     import torch
 
     world = generate_world(120, seed=11, unsafe=0.2, unsafe_caption_fraction=0.0, mismatch_random=0,

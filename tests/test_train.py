@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_curate import train as T
-from clip_curate import world as W
+from clip_curate.synthetic import train as T
+from clip_curate.synthetic import world as W
 
 # A very small config so that a handful of steps run in seconds.
 MICRO_CFG = copy.deepcopy(T.TINY_MODEL_CFG)

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from clip_curate.testing.webserver import Route, WebServer, fault_routes, loopback_hosts, tiny_jpeg
+from clip_curate.synthetic.webserver import Route, WebServer, fault_routes, loopback_hosts, tiny_jpeg
 
 NO_REDIRECT = urllib.request.build_opener(type("NoRedirect", (urllib.request.HTTPRedirectHandler,), {
     "redirect_request": lambda self, *a, **k: None}))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_curate import world as W
+from clip_curate.synthetic import world as W
 
 
 @pytest.fixture(scope="module")

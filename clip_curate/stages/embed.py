@@ -23,7 +23,9 @@ import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from clip_curate import records
-from clip_curate.clip_model import ModelConfig, autocast_context, embed_model_key, load_clip, load_preprocess
+from clip_curate.models.clip import (ModelConfig, autocast_context, embed_model_key, load_clip, load_preprocess,
+                                     validate_model_config)
+from clip_curate.stages.base import IMAGE, Stage, register
 
 log = logging.getLogger(__name__)
 
@@ -268,3 +270,12 @@ class Embed(beam.PTransform):
         reused = prepared[_Prepare.REUSED] | "CountReused" >> beam.ParDo(_CountReused())
         kept = (embedded, reused) | "Kept" >> beam.Flatten()
         return kept, prepared[records.REJECTED_TAG]
+
+
+def _check(cfg: ModelConfig) -> None:
+    if cfg.enabled:
+        validate_model_config(cfg)
+
+
+register(Stage("embed", ModelConfig, build=lambda cfg, ctx: Embed(cfg) if cfg.enabled else None, position=40,
+               needs=frozenset({IMAGE}), check=_check, title="CLIP embeddings"))

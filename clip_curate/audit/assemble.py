@@ -30,8 +30,10 @@ import apache_beam as beam
 import numpy as np
 
 from clip_curate import records
-from clip_curate.options import ConfigError, add_config_arguments, config_from_namespace, opt
-from clip_curate.safety import EmbedPromptSets, WordList, has_clip_model
+from clip_curate.fields import (ConfigError, OneLineParser, add_config_arguments, config_from_namespace, opt,
+                                 read_user_text, validate_beam_args)
+from clip_curate.models.clip import EmbedPromptSets, ModelConfig, has_clip_model
+from clip_curate.stages.safety import WordList
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +167,8 @@ def load_attributes(path: str | None = None) -> AttributeSpec:
         text = resources.files("clip_curate.data").joinpath("attributes.yaml").read_text("utf-8")
         source = "clip_curate/data/attributes.yaml"
     else:
-        from clip_curate.safety import _read_text
 
-        text, source = _read_text(path, "--attributes"), path
+        text, source = read_user_text(path, "--attributes"), path
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -569,7 +570,7 @@ def write_outputs(audit: dict, out_dir: str) -> None:
     """Write ``audit.json`` and ``report.html`` into ``out_dir`` (any Beam filesystem)."""
     from apache_beam.io.filesystems import FileSystems
 
-    from clip_curate.report import render_report
+    from clip_curate.audit.report import render_report
 
     base = out_dir.rstrip("/")
     if "://" not in base:
@@ -626,13 +627,10 @@ def _model_config_from_stats(input_dir: str, clip_model: str | None):
         recorded = {}
     if clip_model:
         recorded = {**recorded, "clip_model": clip_model}
-    if recorded.get("clip_model") in (None, "", "none"):
+    if not recorded.get("clip_model"):
         return None
-    try:
-        from clip_curate.clip_model import ModelConfig
-    except ImportError:
-        return None
-    return config_from_namespace(ModelConfig, recorded)
+    model = config_from_namespace(ModelConfig, recorded)
+    return model if has_clip_model(model) else None
 
 
 def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -688,9 +686,8 @@ def _join(base: str, *parts: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``clip-curate audit --input OUT [--output DIR] [--attributes FILE] [Beam options]``."""
-    from clip_curate.config import _Parser, validate_beam_args
 
-    parser = _Parser(prog="clip-curate audit", allow_abbrev=False,
+    parser = OneLineParser(prog="clip-curate audit", allow_abbrev=False,
                      description="(Re)compute the bias audit (audit.json + report.html) of a clip-curate "
                                  "output directory. Other --flags are passed to Apache Beam.")
     add_audit_arguments(parser)

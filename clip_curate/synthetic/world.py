@@ -512,7 +512,7 @@ class World:
 
 def world_routes(world: World):
     """``{path: Route}`` serving every item of ``world`` (404 and HTML pages for the broken kinds)."""
-    from clip_curate.testing.webserver import Route
+    from clip_curate.synthetic.webserver import Route
 
     routes = {"/robots.txt": Route(b"User-agent: *\nAllow: /\n", content_type="text/plain")}
     for it in world.items:
@@ -525,14 +525,14 @@ def world_routes(world: World):
 
 def serve_world(world: World, *, host: str = "127.0.0.1", port: int = 0, hosts: Sequence[str] | None = None,
                 process: bool = False):
-    """A :class:`clip_curate.testing.webserver.WebServer` (not yet started) serving ``world``.
+    """A :class:`clip_curate.synthetic.webserver.WebServer` (not yet started) serving ``world``.
 
     Use it as a context manager::
 
         with serve_world(world) as srv:
             table = world.to_url_table(srv.base_url)
     """
-    from clip_curate.testing.webserver import WebServer
+    from clip_curate.synthetic.webserver import WebServer
 
     return WebServer(world_routes(world), host=host, port=port, hosts=hosts, process=process)
 

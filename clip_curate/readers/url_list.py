@@ -1,26 +1,35 @@
-"""Read URL lists (parquet / csv / tsv / jsonl, optionally .gz) from any fsspec path.
+"""Reader ``urls``: URL lists (parquet / csv / tsv / jsonl, optionally .gz) from any fsspec path.
 
-``plan_input`` inspects the input at pipeline-construction time (files, format, columns, row
-estimate) so user mistakes fail fast with one line; ``ReadUrlList`` reads the planned splits
-(parquet row groups, whole text files) in parallel and reshuffles so downloads spread over workers.
+``plan_url_list`` inspects the input at pipeline-construction time (files, format, columns, row
+estimate) so user mistakes fail fast with one line; the splits are parquet row groups or whole text
+files. ``--retry-from OUT`` reads OUT's rejected rows with a transient reason as the input.
 """
 from __future__ import annotations
 
 import csv
-import dataclasses
 import gzip
 import json
 import logging
-from dataclasses import dataclass
 from typing import Any, Iterator
 
-import apache_beam as beam
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_curate import records, schema
-from clip_curate.options import ConfigError, opt
+from clip_curate import records
+from clip_curate import schemas as schema
+from clip_curate.fields import ConfigError
+from clip_curate.readers.base import (
+    RESERVED,
+    URL_LIST_FORMATS,
+    InputPlan,
+    Reader,
+    ReaderConfig,
+    ReadRejection,
+    Split,
+    as_text,
+    register_reader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,69 +40,6 @@ FORMATS = {
 }
 COMPRESSIONS = (".gz", ".bz2", ".zst", ".xz")
 _GLOB_CHARS = set("*?[")
-# Inputs that already hold images (never downloaded): see clip_curate.pools.
-POOL_FORMATS = ("webdataset", "img2dataset-parquet", "hf-parquet", "curated")
-# Names produced by the pipeline itself; input columns with these names are renamed input_<name>.
-RESERVED = set(schema.field_names("curated_row")) | set(schema.field_names("rejected_row")) | {
-    "image_bytes", "embed_model"}
-
-
-@dataclass(frozen=True)
-class ReaderConfig:
-    """Where the rows come from."""
-
-    input: str | None = opt(None, "URL list: a file, glob or directory on any fsspec path (gs://, s3://, ...)")
-    input_format: str = opt("auto", "input format: auto (detected from the files) or one of "
-                                    + "|".join(("parquet", "csv", "tsv", "jsonl") + POOL_FORMATS),
-                            choices=("auto", "urls", "parquet", "csv", "tsv", "jsonl") + POOL_FORMATS)
-    image_col: str | None = opt(None, "Parquet column holding image bytes (img2dataset: jpg; Hugging Face: "
-                                      "image struct<bytes, path>); auto-detected when unset")
-    include_rejected: bool = opt(False, "with a clip-curate output as input: also re-curate its rejected rows "
-                                        "that still carry embeddings")
-    url_col: str = opt("url", "input column holding the image URL")
-    caption_col: str = opt("caption", "input column holding the caption")
-    uid_col: str = opt("uid", "input column with a stable id; when absent uid = sha256(url, caption)")
-    retry_from: str | None = opt(None, "re-run the rows of a previous output OUT rejected for transient "
-                                       "reasons (timeout, http_5xx, connection_error, dns_error, host_unavailable)")
-
-    def __post_init__(self):
-        if self.input and self.retry_from:
-            raise ConfigError("--input and --retry-from are exclusive: --retry-from OUT reads OUT/rejected itself")
-        if not self.input and not self.retry_from:
-            raise ConfigError("no input: pass --input URLS (or --retry-from OUT)")
-        for name in ("url_col", "caption_col"):
-            if not getattr(self, name):
-                raise ConfigError(f"--{name.replace('_', '-')} may not be empty")
-
-
-@dataclass(frozen=True)
-class Split:
-    """One unit of reading work: a whole file, or one parquet row group."""
-
-    path: str
-    fmt: str
-    row_group: int | None = None
-
-
-@dataclass(frozen=True)
-class InputPlan:
-    """What ``plan_input`` found: files, format, carried-through columns, and the work splits."""
-
-    fmt: str
-    files: tuple[str, ...]
-    splits: tuple[Split, ...]
-    columns: tuple[str, ...]
-    extra_fields: tuple[pa.Field, ...]   # output names (after renaming clashes)
-    extra_renames: tuple[tuple[str, str], ...]  # (input name, output name)
-    estimated_rows: int
-    url_col: str
-    caption_col: str
-    uid_col: str | None
-    only_reasons: tuple[str, ...] = ()   # retry-from: keep rows rejected for these reasons
-    has_images: bool = False             # rows carry image_bytes (pools): no download stage
-    preprocessed: bool = False           # rows carry the processed image (curated input): no image stage
-    options: tuple[tuple[str, Any], ...] = ()  # format-specific settings (pools)
-    part: tuple[int, int] | None = None  # (k, n): read only rows whose uid hash is k mod n (--chunk-rows)
 
 
 def _strip_compression(path: str) -> str:
@@ -191,19 +137,12 @@ def _file_size(path: str) -> int:
         return 0
 
 
-def plan_input(cfg: ReaderConfig) -> InputPlan:
-    """Inspect the input: raise ConfigError (one line) for every user mistake."""
+def plan_url_list(cfg: ReaderConfig, fmt: str = "urls") -> InputPlan:
+    """Plan a URL list (``--retry-from OUT``: OUT's transient rejections); ConfigError for every user mistake."""
     if cfg.retry_from:
         return plan_retry(cfg)
-    if cfg.input_format in POOL_FORMATS or cfg.input_format == "auto":
-        from clip_curate import pools
-        fmt = cfg.input_format if cfg.input_format != "auto" else pools.detect_pool_format(cfg.input, cfg)
-        if fmt:
-            plan = pools.plan_pool(cfg, fmt)
-            log.info("input: detected %s (%d shard(s), ~%d rows)", fmt, len(plan.splits), plan.estimated_rows)
-            return plan
     files = expand_paths(cfg.input)
-    fmts = {detect_format(p) if cfg.input_format in ("auto", "urls") else cfg.input_format for p in files}
+    fmts = {detect_format(p) if fmt in ("auto", "urls") else fmt for p in files}
     if None in fmts:
         bad = next(p for p in files if detect_format(p) is None)
         raise ConfigError(f"unknown input format for {bad!r}: use .parquet, .csv, .tsv or .jsonl "
@@ -286,7 +225,7 @@ def _exists(path: str) -> bool:
     return fs.exists(p)
 
 
-def _raw_records(split: Split) -> Iterator[dict[str, Any]]:
+def _raw_records(split: Split) -> Iterator[dict[str, Any] | ReadRejection]:
     if split.fmt == "parquet":
         with fsspec.open(split.path, "rb") as f:
             pf = pq.ParquetFile(f)
@@ -304,15 +243,14 @@ def _raw_records(split: Split) -> Iterator[dict[str, Any]]:
                     try:
                         obj = json.loads(line)
                     except json.JSONDecodeError:
-                        obj = {"__unreadable__": f"{split.path}:{lineno}: not JSON"}
-                    yield obj if isinstance(obj, dict) else {"__unreadable__": f"{split.path}:{lineno}: not an object"}
+                        yield _unreadable(f"{split.path}:{lineno}: not JSON")
+                        continue
+                    yield obj if isinstance(obj, dict) else _unreadable(f"{split.path}:{lineno}: not an object")
 
 
-def as_text(value: Any) -> str | None:
-    """A cell as text (None stays None): ids and captions may be stored as numbers."""
-    if value is None:
-        return None
-    return value if isinstance(value, str) else str(value)
+def _unreadable(where: str) -> ReadRejection:
+    return ReadRejection({"uid": records.make_uid(where, None), "url": None, "caption": None},
+                         "unreadable_source", where)
 
 
 def to_row(raw: dict[str, Any], plan: InputPlan) -> dict[str, Any]:
@@ -326,76 +264,16 @@ def to_row(raw: dict[str, Any], plan: InputPlan) -> dict[str, Any]:
     return row
 
 
-def in_part(uid: str, part: tuple[int, int]) -> bool:
-    """Whether a row belongs to pass ``part = (k, n)`` of a chunked run (every row is in exactly one)."""
-    from clip_curate.dedup_core import uid_hash
-    return uid_hash(uid) % part[1] == part[0]
 
 
-def read_split(split: Split, plan: InputPlan) -> Iterator[dict[str, Any]]:
-    """Rows of one split (of this pass, ``plan.part``). Unparseable lines come out as rows flagged for
-    rejection (``__unreadable__``)."""
-    rows = _split_rows(split, plan)
-    if plan.part is not None:
-        rows = (row for row in rows if in_part(row["uid"], plan.part))
-    yield from rows
-
-
-def _split_rows(split: Split, plan: InputPlan) -> Iterator[dict[str, Any]]:
-    if split.fmt in POOL_FORMATS:
-        from clip_curate import pools
-        yield from pools.read_pool_split(split, plan)
-        return
+def read_url_split(split: Split, plan: InputPlan) -> Iterator[dict[str, Any] | ReadRejection]:
+    """Rows of one URL-list split; unparseable lines come out as ``read/unreadable_source`` rejections."""
     for raw in _raw_records(split):
-        if "__unreadable__" in raw:
-            yield {"uid": records.make_uid(raw["__unreadable__"], None), "url": None, "caption": None,
-                   "__unreadable__": raw["__unreadable__"]}
-            continue
-        if plan.only_reasons and raw.get("reason") not in plan.only_reasons:
-            continue
-        yield to_row(raw, plan)
+        if isinstance(raw, ReadRejection):
+            yield raw
+        elif not plan.only_reasons or raw.get("reason") in plan.only_reasons:
+            yield to_row(raw, plan)
 
 
-class _ValidateRow(beam.DoFn):
-    """Reject rows without a usable URL; count what was read."""
-
-    def __init__(self):
-        self._read = beam.metrics.Metrics.counter(records.METRICS_NAMESPACE, "read_rows")
-
-    def process(self, row):
-        self._read.inc()
-        if "__unreadable__" in row:
-            detail = row.pop("__unreadable__")
-            yield beam.pvalue.TaggedOutput(records.REJECTED_TAG, records.reject(row, "read", "unreadable_source", detail))
-        elif "__reject__" in row:  # (reason, detail) decided by a pool source, e.g. source_failed
-            reason, detail = row.pop("__reject__")
-            yield beam.pvalue.TaggedOutput(records.REJECTED_TAG, records.reject(row, "read", reason, detail))
-        elif (row.get("image_bytes") is not None or row.get("image") is not None
-              or row.get("image_embedding") is not None):
-            yield row  # pool rows hold their image (or, re-filtered, its embedding); a URL is optional
-        elif not row.get("url"):
-            yield beam.pvalue.TaggedOutput(records.REJECTED_TAG, records.reject(row, "read", "missing_url", "empty url"))
-        else:
-            yield row
-
-
-class ReadUrlList(beam.PTransform):
-    """Read the planned input; returns ``(rows, rejected)``. Rows are reshuffled across workers."""
-
-    def __init__(self, plan: InputPlan, reshuffle: bool = True):
-        super().__init__()
-        self._plan = plan
-        self._reshuffle = reshuffle
-
-    def expand(self, pbegin):
-        plan = self._plan
-        rows = (
-            pbegin
-            | "Splits" >> beam.Create([dataclasses.astuple(s) for s in plan.splits])
-            | "SpreadSplits" >> beam.Reshuffle()
-            | "ReadSplit" >> beam.FlatMap(lambda s, p: read_split(Split(*s), p), plan)
-        )
-        if self._reshuffle:
-            rows = rows | "SpreadRows" >> beam.Reshuffle()
-        out = rows | "Validate" >> beam.ParDo(_ValidateRow()).with_outputs(records.REJECTED_TAG, main="rows")
-        return out.rows, out[records.REJECTED_TAG]
+register_reader(Reader("urls", ("urls",) + URL_LIST_FORMATS, detect=lambda cfg: "urls", plan=plan_url_list,
+                       read=read_url_split, priority=1000))

@@ -1,7 +1,7 @@
 """Train the small open_clip model ``synthetic-tiny`` on the synthetic world, and evaluate CLIP models.
 
-``python -m clip_curate.train --output DIR`` (also ``clip-curate train-tiny``) renders training
-scenes from :mod:`clip_curate.world`, trains an open_clip ``CLIP`` contrastively (with one hard
+``python -m clip_curate.synthetic.train --output DIR`` (also ``clip-curate train-tiny``) renders training
+scenes from :mod:`clip_curate.synthetic.world`, trains an open_clip ``CLIP`` contrastively (with one hard
 negative caption per image in every batch), evaluates it on a held-out stream of scenes and writes
 an open_clip ``local-dir:`` checkpoint::
 
@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clip_curate import world as W
+from clip_curate.models import clip
+from clip_curate.synthetic import world as W
 
 #: The trainer's default architecture (``synthetic-tiny``'s first five stages): 4-layer ViT on 64 px
 #: (16 px patches), 4-layer text transformer over open_clip's BPE vocabulary (``get_tokenizer("ViT-B-32")``)
@@ -80,12 +81,8 @@ def synthetic_tiny_dir() -> Path:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available else cpu; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    return torch.device(device)
+    """``auto`` -> cuda when available else cpu; ``cuda`` without a GPU is a ConfigError (the product's rule)."""
+    return torch.device(clip.resolve_device(device))
 
 
 def build_model(model_cfg: dict[str, Any] | None = None):
@@ -211,7 +208,7 @@ def train_clip(images: Sequence[Any] | torch.Tensor, captions: Sequence[str | Se
     ``hard_per_image`` of them (distinct where there are enough) are added to the batch's text side
     per image (image->text loss over ``(1 + hard_per_image) * batch`` captions). ``twin_of[i]``
     (optional): the index of image i's minimal-pair twin (the same scene with one attribute changed,
-    :func:`clip_curate.world.scene_twin`); a step then draws ``batch_size // 2`` scenes and adds their
+    :func:`clip_curate.synthetic.world.scene_twin`); a step then draws ``batch_size // 2`` scenes and adds their
     twins, so both loss directions must tell the two apart. Data order, initialisation and caption
     draws follow ``seed``.
     """
@@ -288,7 +285,6 @@ def train_clip(images: Sequence[Any] | torch.Tensor, captions: Sequence[str | Se
     return model
 
 
-@torch.no_grad()
 def encode_images(model, images: Sequence[Any] | torch.Tensor, *, preprocess_cfg: dict[str, Any] | None = None,
                   batch_size: int = 256, device: str = "cpu") -> np.ndarray:
     """L2-normalised image embeddings ``[N, D]`` (float32) through the model's preprocessing."""
@@ -296,21 +292,18 @@ def encode_images(model, images: Sequence[Any] | torch.Tensor, *, preprocess_cfg
     pixels = images if isinstance(images, torch.Tensor) else images_to_uint8(images, cfg)
     dev = resolve_device(device)
     model.to(dev).eval()
-    out = [model.encode_image(_normalise(pixels[i:i + batch_size], cfg, dev), normalize=True).float().cpu()
-           for i in range(0, len(pixels), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros((0, model.text_projection.shape[1]), np.float32)
+    return clip.embed_in_batches(model.encode_image, pixels, lambda batch: _normalise(batch, cfg, dev),
+                                 model.text_projection.shape[1], dev, batch_size=batch_size)
 
 
-@torch.no_grad()
 def encode_texts(model, texts: Sequence[str], *, tokenizer=None, model_cfg: dict[str, Any] | None = None,
                  batch_size: int = 512, device: str = "cpu") -> np.ndarray:
     """L2-normalised text embeddings ``[N, D]`` (float32)."""
     tokenizer = tokenizer or make_tokenizer(model_cfg)
     dev = resolve_device(device)
     model.to(dev).eval()
-    out = [model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(dev), normalize=True).float().cpu()
-           for i in range(0, len(texts), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros((0, model.text_projection.shape[1]), np.float32)
+    return clip.embed_in_batches(model.encode_text, list(texts), lambda batch: tokenizer(list(batch)).to(dev),
+                                 model.text_projection.shape[1], dev, batch_size=batch_size)
 
 
 def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
@@ -406,7 +399,7 @@ def save_model_dir(model, out_dir: str | os.PathLike, *, model_cfg: dict[str, An
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     tdtype = getattr(torch, dtype)
     state = {k: v.detach().to("cpu", tdtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "producer": "clip_curate.train"})
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "producer": "clip_curate.synthetic.train"})
     if report is not None:
         (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return out
@@ -446,7 +439,7 @@ def hard_caption_pools(pairs: Sequence[W.ScenePair], pool: int, seed: int,
     return out
 
 
-def build_arg_parser(prog: str = "python -m clip_curate.train") -> argparse.ArgumentParser:
+def build_arg_parser(prog: str = "python -m clip_curate.synthetic.train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Train the small open_clip model 'synthetic-tiny' on the synthetic world and "
                                "write an open_clip local-dir checkpoint with held-out figures.")
@@ -491,7 +484,7 @@ def build_arg_parser(prog: str = "python -m clip_curate.train") -> argparse.Argu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m clip_curate.train`` / ``clip-curate train-tiny``; returns an exit code."""
+    """Entry point of ``python -m clip_curate.synthetic.train`` / ``clip-curate train-tiny``; returns an exit code."""
     args = build_arg_parser().parse_args(argv)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 2),

@@ -5,7 +5,7 @@ so that faults can be injected at the byte level and the bytes really sent can b
 
 API::
 
-    from clip_curate.testing.webserver import Route, WebServer, fault_routes, tiny_jpeg
+    from clip_curate.synthetic.webserver import Route, WebServer, fault_routes, tiny_jpeg
 
     routes = {"/a.jpg": Route(tiny_jpeg(), content_type="image/jpeg"),
               "/gone": Route(status=404),

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import pyarrow.parquet as pq
 
-from clip_curate.options import ConfigError
+from clip_curate.fields import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-clip-score", type=float, default=None,
                    help="CLIP threshold (default: the recommended value for synthetic-tiny)")
     return p
-
-
-def kind_family(kind: str | None) -> str:
-    return (kind or "").split(":", 1)[0]
 
 
 def score_against_truth(out_dir: str) -> dict:
@@ -81,10 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     if args.rows < 50:
         raise ConfigError("--rows must be >= 50")
-    from clip_curate import world as world_mod
-    from clip_curate.clip_model import recommended_threshold
-    from clip_curate.summary import format_summary
-    from pipelines.curate import run
+    from clip_curate.synthetic import world as world_mod
+    from clip_curate.models.clip import recommended_threshold
+    from clip_curate.stats import format_summary
+    from clip_curate.run import run
 
     out_root = args.output or tempfile.mkdtemp(prefix="clip-curate-demo-")
     os.makedirs(out_root, exist_ok=True)

@@ -1,7 +1,7 @@
 """``clip-curate evaluate``: does the curation help? Train the same small CLIP on raw vs curated pairs.
 
 Both arms train the same open_clip config (:data:`PROXY_MODEL_CFG`, random init) with
-:func:`clip_curate.train.train_clip` for the same number of samples seen (``--steps`` x
+:func:`clip_curate.synthetic.train.train_clip` for the same number of samples seen (``--steps`` x
 ``--batch-size``), from the same seed, then are scored on one labelled held-out set:
 
 - zero-shot classification accuracy per label attribute (classes = the attribute's values, each
@@ -21,7 +21,7 @@ run started from. Unknown flags are passed to that run (``--allow-private-addres
 The held-out set (``--eval-set``) is a directory with ``eval.parquet`` (``image``, ``caption``,
 ``label_<attribute>`` columns) and ``classes.json`` (``{attribute: {"classes": [...], "prompts":
 {class: [...]}}}``); ``--make-eval-set DIR`` writes one from fresh synthetic-world scenes
-(:func:`clip_curate.world.heldout_set`, a seed the world never uses), labelled by all seven world
+(:func:`clip_curate.synthetic.world.heldout_set`, a seed the world never uses), labelled by all seven world
 attributes.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from clip_curate.options import ConfigError
+from clip_curate.fields import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def load_pool(path: str, preprocess_cfg: dict[str, Any], *, batch_rows: int = 51
     import pyarrow.parquet as pq
     import torch
 
-    from clip_curate import train
+    from clip_curate.synthetic import train
 
     t0 = time.time()
     kind = pool_kind(path)
@@ -248,7 +248,7 @@ def load_pool(path: str, preprocess_cfg: dict[str, Any], *, batch_rows: int = 51
 
 def download_raw_pool(urls: str, out_dir: str, run_args: Sequence[str]) -> str:
     """``clip-curate run --stages download,image`` (no filtering) of a URL list into ``out_dir``."""
-    from pipelines.curate import run
+    from clip_curate.run import run
 
     argv = ["--input", urls, "--output", out_dir, "--stages", "download,image", "--no-store-embeddings",
             *run_args]
@@ -276,7 +276,7 @@ def make_eval_set(out_dir: str, n: int = 1000, seed: int = DEFAULT_EVAL_SEED, im
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from clip_curate import world as W
+    from clip_curate.synthetic import world as W
 
     if n < 2:
         raise ConfigError(f"--eval-size must be >= 2, got {n}")
@@ -304,7 +304,7 @@ def load_eval_set(path: str, preprocess_cfg: dict[str, Any], attributes: Sequenc
     """Read ``--eval-set`` (a directory with eval.parquet [+ classes.json], or the Parquet file)."""
     import pyarrow.parquet as pq
 
-    from clip_curate import train
+    from clip_curate.synthetic import train
 
     fs, p = _fs(path)
     if fs.isdir(p):
@@ -352,7 +352,7 @@ def load_eval_set(path: str, preprocess_cfg: dict[str, Any], attributes: Sequenc
 def score_model(model, eval_set: EvalSet, *, model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any],
                 device: str = "cpu") -> dict[str, Any]:
     """Zero-shot accuracy per attribute (+ mean) and retrieval recall of ``model`` on ``eval_set``."""
-    from clip_curate import train
+    from clip_curate.synthetic import train
 
     tok = train.make_tokenizer(model_cfg)
     img = train.encode_images(model, eval_set.pixels, preprocess_cfg=preprocess_cfg, device=device)
@@ -379,7 +379,7 @@ def run_seed(name: str, pool: Pool, eval_set: EvalSet, seed: int, *, model_cfg: 
              preprocess_cfg: dict[str, Any], steps: int, batch_size: int, lr: float, warmup_steps: int | None,
              device: str) -> dict[str, Any]:
     """Train the proxy on one arm's pool from ``seed`` and score it on the held-out set (one run)."""
-    from clip_curate import train
+    from clip_curate.synthetic import train
 
     log.info("%s arm, seed %d: training %d steps x %d on %d pairs", name, seed, steps, batch_size, len(pool.captions))
     t0 = time.time()
@@ -469,7 +469,7 @@ def evaluate(raw: Pool, curated: Pool, eval_set: EvalSet, *, seeds: Sequence[int
     """Train the proxy model on both pools for every seed and compare; returns the evaluation dict."""
     import torch
 
-    from clip_curate import train
+    from clip_curate.synthetic import train
 
     model_cfg = copy.deepcopy(model_cfg or PROXY_MODEL_CFG)
     preprocess_cfg = dict(preprocess_cfg or train.TINY_PREPROCESS_CFG)
@@ -561,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``clip-curate evaluate``; returns the exit code (user mistakes raise ``ConfigError``)."""
     import torch
 
-    from clip_curate import train
+    from clip_curate.synthetic import train
 
     args, rest = build_arg_parser().parse_known_args(argv)
     if args.make_eval_set:

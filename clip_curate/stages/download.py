@@ -43,7 +43,8 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from clip_curate import records
-from clip_curate.options import ConfigError, opt
+from clip_curate.fields import ConfigError, opt
+from clip_curate.stages.base import RAW_IMAGE, Stage, register
 
 log = logging.getLogger(__name__)
 
@@ -860,3 +861,7 @@ class Download(beam.PTransform):
             rows = rows | "SpreadHosts" >> beam.Reshuffle()
         out = rows | "Fetch" >> beam.ParDo(_DownloadFn(self._cfg)).with_outputs(records.REJECTED_TAG, main="kept")
         return out.kept, out[records.REJECTED_TAG]
+
+
+register(Stage("download", DownloadConfig, build=lambda cfg, ctx: Download(cfg), position=20,
+               provides=frozenset({RAW_IMAGE}), title="download"))

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import time
 from dataclasses import dataclass
 from typing import Any
 
-import apache_beam as beam
 import numpy as np
 from PIL import Image
 
-from clip_curate import records
-from clip_curate.options import ConfigError, opt
+from clip_curate.fields import ConfigError, opt
+from clip_curate.stages.base import IMAGE, RAW_IMAGE, RowFilter, RowStage, Stage, Verdict, register
 
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border")
 # Formats Pillow may open: the web's raster formats. Exotic plugins (EPS runs Ghostscript, PSD, ICO...) stay
@@ -279,40 +277,27 @@ def process_image(raw: bytes | None, cfg: ImageConfig) -> ImageResult:
     })
 
 
-class _DecodeResizeFn(beam.DoFn):
-    def __init__(self, cfg: ImageConfig):
-        self._cfg = cfg
-        ns = records.METRICS_NAMESPACE
-        self._in = beam.metrics.Metrics.counter(ns, "image_in")
-        self._out = beam.metrics.Metrics.counter(ns, "image_out")
-        self._msecs = beam.metrics.Metrics.distribution(ns, "image_msecs")
-        self._reasons = {r: beam.metrics.Metrics.counter(ns, f"image_{r}") for r in records.REASONS["image"]}
+class _DecodeResizeFn(RowFilter):
+    stage = "image"
 
-    def setup(self):
+    def load(self):
         import cv2
 
         cv2.setNumThreads(1)  # one image per thread; Beam parallelises across threads and workers
 
-    def process(self, row):
-        self._in.inc()
-        t0 = time.perf_counter()
+    def judge(self, row):
         row = dict(row)  # never mutate an input element
         raw = row.pop("image_bytes", None)
         if raw is None:
             raw = row.get("image")  # pool rows that already hold an image
-        result = process_image(raw, self._cfg)
-        self._msecs.update(int((time.perf_counter() - t0) * 1000))
+        result = process_image(raw, self.config)
         if result.reason:
-            self._reasons[result.reason].inc()
-            yield beam.pvalue.TaggedOutput(records.REJECTED_TAG,
-                                           records.reject(row, "image", result.reason, result.detail))
-            return
-        self._out.inc()
+            return Verdict(row, result.reason, result.detail)
         row.update(result.fields)
-        yield row
+        return Verdict(row)
 
 
-class DecodeResize(beam.PTransform):
+class DecodeResize(RowStage):
     """Rows with ``image_bytes`` -> ``(kept, rejected)``.
 
     Kept rows lose ``image_bytes`` and gain ``image`` (JPEG), ``width``, ``height``, ``original_width``,
@@ -321,10 +306,9 @@ class DecodeResize(beam.PTransform):
     """
 
     def __init__(self, config: ImageConfig):
-        super().__init__()
-        self._config = config
+        super().__init__(_DecodeResizeFn(config), label="DecodeResize")
 
-    def expand(self, rows):
-        out = rows | "DecodeResize" >> beam.ParDo(_DecodeResizeFn(self._config)).with_outputs(
-            records.REJECTED_TAG, main="rows")
-        return out.rows, out[records.REJECTED_TAG]
+
+register(Stage("image", ImageConfig, build=lambda cfg, ctx: DecodeResize(cfg), position=30,
+               provides=frozenset({IMAGE}), needs=frozenset({RAW_IMAGE}), auto=True,
+               title="decode, validate, resize"))

@@ -23,7 +23,6 @@ rejected, each input row exactly once.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -31,12 +30,15 @@ import apache_beam as beam
 import numpy as np
 
 from clip_curate import records
-from clip_curate.dedup_core import (KINDS, PRIORITY, REASON, EvalSet, SemanticModel, auto_clusters,  # noqa: F401
-                                    band_keys, band_masks, bucket_decisions, fit_semantic_model, image_phash,
-                                    load_eval_set, near_best_dropper, normalize_caption, normalize_url,
-                                    phash_int, popcount64, rank_key, semantic_best_dropper, semantic_keys,
-                                    semantic_margins, uid_hash)
-from clip_curate.options import ConfigError, opt
+from clip_curate.stages.dedup import eval_leak, exact, near, semantic  # noqa: F401 - registers the kinds
+from clip_curate.stages.dedup.core import (KindInputs, bucket_decisions, kind_names, kinds, normalize_caption,
+                                          normalize_url, phash_int, priority, rank_key)
+from clip_curate.stages.dedup.eval_leak import EvalSet, load_eval_set
+from clip_curate.stages.dedup.near import band_keys, near_best_dropper, popcount64
+from clip_curate.stages.dedup.rule import PRIOR_SCORE
+from clip_curate.stages.dedup.semantic import SemanticModel, fit_semantic_model, semantic_best_dropper, semantic_keys
+from clip_curate.fields import ConfigError, opt
+from clip_curate.stages.base import IMAGE, Stage, StageContext, names_from, register
 
 NS = records.METRICS_NAMESPACE
 
@@ -70,7 +72,7 @@ class DedupConfig:
         kinds = tuple(dict.fromkeys(k.strip().lower() for k in self.dedup if k.strip()))
         if kinds == ("none",):
             kinds = ()
-        bad = [k for k in kinds if k not in KINDS]
+        bad = [k for k in kinds if k not in kind_names()]
         if bad:
             raise ConfigError(f"--dedup: unknown kind(s) {', '.join(bad)}; choose from exact,near,semantic "
                               "(comma-separated) or none")
@@ -114,53 +116,11 @@ def _compact(row: dict) -> dict:
             "emb": None if emb is None else np.asarray(emb, dtype=np.float32)}
 
 
-def _exact_keyed(m: dict, pairs: bool) -> Iterator[tuple]:
-    member = (m["uid"], m["rank"], None)
-    if m["url"]:
-        yield (("url", m["url"], m["caption"]) if pairs else ("url", m["url"])), member
-    if m["sha"]:
-        yield (("sha", m["sha"], m["caption"]) if pairs else ("sha", m["sha"])), member
-
-
-class _NearKeys(beam.DoFn):
-    def __init__(self, hamming: int):
-        self._h = hamming
-        self._missing = beam.metrics.Metrics.counter(NS, "dedup_near_no_phash")
-
-    def setup(self):
-        self._masks = band_masks(self._h)
-
-    def process(self, m):
-        if m["phash"] is None:
-            self._missing.inc()
-            return
-        member = (m["uid"], m["rank"], m["phash"])
-        for b, mask in enumerate(self._masks):
-            yield (b, m["phash"] & mask), member
-
-
-def _decide_bucket(kv, kind: str, threshold: float, max_group: int = 0):
-    key, members = kv
-    members = list(members)
-    if max_group and len(members) > max_group:
-        beam.metrics.Metrics.counter(NS, f"dedup_{kind}_groups_over_max").inc()
-    beam.metrics.Metrics.distribution(NS, f"dedup_{kind}_group_size").update(len(members))
-    prior = {m[0] for m in members if _is_prior(m[1])}
-    for uid, decision in bucket_decisions(members, kind, threshold):
-        if uid not in prior:  # rows of earlier runs are final: they only drop, never get dropped
-            yield uid, decision
-
-
 # ---------------------------------------------------------------------------------------------
 # Rows of earlier runs (--resume, --chunk-rows): they take part in the keys as already-decided rows
 
-PRIOR_SCORE = -math.inf  # rank of an earlier run's row: better than any row of this run
 PRIOR_COLUMNS = ("uid", "url", "caption", "stage", "sha256", "phash", "image_embedding", "embed_model",
                  "clip_score", "width", "height", "original_width", "original_height")
-
-
-def _is_prior(rank) -> bool:
-    return rank[0] == PRIOR_SCORE
 
 
 def prior_records(item: tuple[str, str], stages: Sequence[str], embed_model: str | None = None) -> Iterator[dict]:
@@ -186,69 +146,6 @@ def prior_records(item: tuple[str, str], stages: Sequence[str], embed_model: str
                 m["rank"] = (PRIOR_SCORE, *m["rank"][1:])
                 m["dropped"] = sub == "rejected" and stage == "dedup"
                 yield m
-
-
-def _embedding_item(m: dict):
-    if m["emb"] is not None:
-        yield uid_hash(m["uid"]), m["uid"], m["emb"]
-    else:
-        beam.metrics.Metrics.counter(NS, "dedup_semantic_no_embedding").inc()
-
-
-def _fit(sample: list, n_rows: int, cfg: DedupConfig, seed: int) -> SemanticModel:
-    sample = sorted(sample, key=lambda t: (t[0], t[1]))  # deterministic order for k-means
-    return fit_semantic_model([t[2] for t in sample], n_rows, cfg.semantic_threshold, cfg.semantic_clusters,
-                              cfg.semantic_max_group, seed)
-
-
-class _SemanticKeys(beam.DoFn):
-    """Batches of compact rows -> ((cluster, sub_bucket), member) for every probed bucket."""
-
-    def __init__(self):
-        self._copies = beam.metrics.Metrics.distribution(NS, "dedup_semantic_keys_per_row")
-
-    def process(self, batch, model):
-        batch = [m for m in batch if m["emb"] is not None]
-        if not batch:
-            return
-        for m, keys in zip(batch, semantic_keys(np.stack([m["emb"] for m in batch]), model)):
-            self._copies.update(len(keys))
-            member = (m["uid"], m["rank"], m["emb"])
-            for key in keys:
-                yield key, member
-
-
-class _EvalLeaks(beam.DoFn):
-    """Batches of compact rows -> (uid, ("eval_leak", detail, None)) for rows matching an eval item."""
-
-    def __init__(self, cfg: DedupConfig):
-        self._cfg = cfg
-        self._unchecked = beam.metrics.Metrics.counter(NS, "dedup_eval_unchecked")
-
-    def process(self, batch, ev: EvalSet):
-        cfg = self._cfg
-        found: dict[str, str] = {}
-        with_emb = []
-        for m in batch:
-            checked = False
-            if m["phash"] is not None and len(ev.phashes):
-                checked = True
-                hit = ev.match_phash(m["phash"], cfg.decontaminate_hamming)
-                if hit:
-                    found[m["uid"]] = f"eval item {hit[0]} (phash distance {hit[1]})"
-                    continue
-            if m["emb"] is not None and ev.embeddings is not None:
-                checked = True
-                with_emb.append(m)
-            if not checked:
-                self._unchecked.inc()
-        if with_emb:
-            hits = ev.match_embeddings(np.stack([m["emb"] for m in with_emb]), cfg.decontaminate_threshold)
-            for m, hit in zip(with_emb, hits):
-                if hit:
-                    found[m["uid"]] = f"eval item {hit[0]} (cosine {hit[1]:.4f})"
-        for uid, detail in found.items():
-            yield uid, ("eval_leak", detail, None)
 
 
 def _asks(kv):
@@ -299,7 +196,8 @@ class _Decide(beam.DoFn):
 def explain(decisions: Iterable[tuple], kept_droppers: set[str]) -> tuple[str, str]:
     """(reason, detail) for a dropped row from its ``(reason, dropper_or_detail, dropper_rank)`` decisions."""
     decisions = list(decisions)
-    reason = min((d[0] for d in decisions), key=PRIORITY.index)
+    order = priority()
+    reason = min((d[0] for d in decisions), key=order.index)
     if reason == "eval_leak":
         return reason, min(d[1] for d in decisions if d[0] == reason)
     cands = sorted({(d[2], d[1]) for d in decisions if d[0] == reason})
@@ -326,7 +224,8 @@ class Dedup(beam.PTransform):
         super().__init__()
         self._cfg = config
         self._seed = seed
-        self._eval = load_eval_set(config.decontaminate) if config.decontaminate else None
+        # each active kind loads what it needs now, so a bad --decontaminate fails at construction
+        self._state = {kind.reason: kind.prepare(config) for kind in kinds() if kind.active(config)}
         self._prior = tuple(prior_shards)
         self._prior_stages = tuple(prior_stages)
         self._embed_model = embed_model
@@ -343,37 +242,9 @@ class Dedup(beam.PTransform):
             members = (compact, prior) | "WithPrior" >> beam.Flatten()
             prior_dropped = (prior | "PriorDropped" >> beam.Filter(lambda m: m["dropped"])
                              | "PriorDroppedMarks" >> beam.Map(lambda m: (m["uid"], True)))
-        decisions = []
-        if "exact" in cfg.dedup:
-            decisions.append(
-                members
-                | "ExactKeys" >> beam.FlatMap(_exact_keyed, cfg.dedup_caption_pairs)
-                | "ExactGroup" >> beam.GroupByKey()
-                | "ExactDecide" >> beam.FlatMap(_decide_bucket, "exact", 0))
-        if "near" in cfg.dedup:
-            decisions.append(
-                members
-                | "NearKeys" >> beam.ParDo(_NearKeys(cfg.near_dup_hamming))
-                | "NearGroup" >> beam.GroupByKey()
-                | "NearDecide" >> beam.FlatMap(_decide_bucket, "near", cfg.near_dup_hamming))
-        if "semantic" in cfg.dedup:
-            items = compact | "SemItems" >> beam.FlatMap(_embedding_item)
-            n_rows = items | "SemCount" >> beam.combiners.Count.Globally()
-            sample = items | "SemSample" >> beam.combiners.Top.Of(cfg.semantic_sample, key=lambda t: (t[0], t[1]))
-            model = sample | "SemFit" >> beam.Map(_fit, beam.pvalue.AsSingleton(n_rows), cfg, self._seed)
-            decisions.append(
-                members
-                | "SemBatch" >> beam.BatchElements(min_batch_size=64, max_batch_size=2048)
-                | "SemKeys" >> beam.ParDo(_SemanticKeys(), beam.pvalue.AsSingleton(model))
-                | "SemGroup" >> beam.GroupByKey()
-                | "SemDecide" >> beam.FlatMap(_decide_bucket, "semantic", cfg.semantic_threshold,
-                                              cfg.semantic_max_group))
-        if self._eval is not None:
-            ev = rows.pipeline | "EvalSet" >> beam.Create([self._eval])
-            decisions.append(
-                compact
-                | "EvalBatch" >> beam.BatchElements(min_batch_size=64, max_batch_size=2048)
-                | "EvalLeaks" >> beam.ParDo(_EvalLeaks(cfg), beam.pvalue.AsSingleton(ev)))
+        decisions = [kind.decisions(KindInputs(members, compact, cfg, self._seed, self._state[kind.reason],
+                                               kind.reason))
+                     for kind in kinds() if kind.reason in self._state]
         if decisions:
             by_uid = (tuple(decisions) | "AllDecisions" >> beam.Flatten()
                       | "DecisionsByUid" >> beam.GroupByKey()
@@ -394,6 +265,24 @@ class Dedup(beam.PTransform):
         return out.rows, out[records.REJECTED_TAG]
 
 
-__all__ = ["Dedup", "DedupConfig", "EvalSet", "SemanticModel", "band_keys", "bucket_decisions", "explain",
+
+def _check_passes(cfg: DedupConfig, run_config) -> None:
+    if "semantic" in cfg.dedup and not run_config.output.store_embeddings:
+        raise ConfigError("--dedup semantic across --chunk-rows passes compares rows with the earlier passes' "
+                          "stored image_embedding: drop --no-store-embeddings (or --chunk-rows)")
+
+
+def _build(cfg: DedupConfig, ctx: StageContext):
+    if not cfg.active:
+        return None
+    return Dedup(cfg, estimated_rows=ctx.estimated_rows, prior_shards=ctx.prior_shards,
+                 prior_stages=names_from("dedup"), embed_model=ctx.embed_model)
+
+
+register(Stage("dedup", DedupConfig, build=_build, position=60, needs=frozenset({IMAGE}),
+               check=DedupConfig.validate_environment, check_passes=_check_passes, title="dedup"))
+
+
+__all__ = ["Dedup", "DedupConfig", "EvalSet", "PRIOR_SCORE", "SemanticModel", "prior_records", "band_keys", "bucket_decisions", "explain",
            "fit_semantic_model", "load_eval_set", "near_best_dropper", "normalize_url", "popcount64",
            "rank_key", "semantic_best_dropper", "semantic_keys"]
