@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-import yaml
-
 from clip_curate import stages as _stages  # noqa: F401 - registers the built-in stages
 from clip_curate.audit.assemble import AuditConfig
-from clip_curate.fields import (ConfigError, OneLineParser, add_config_arguments, coerce_value, config_from_namespace,
-                                config_keys, opt, validate_beam_args)
+from clip_curate.fields import (ConfigError, OneLineParser, add_config_arguments, config_from_namespace, load_yaml_config,
+                                opt, validate_beam_args)
 from clip_curate.models.clip import ModelConfig, has_clip_model
 from clip_curate.readers.base import ReaderConfig
 from clip_curate.stages.base import registered, stage_names
@@ -127,71 +124,6 @@ def build_run_parser(prog: str = "clip-curate run") -> argparse.ArgumentParser:
     for title, cls in all_config_classes():
         add_config_arguments(parser, cls, title)
     return parser
-
-
-def _key_index(classes: list[tuple[str, type]]) -> dict[str, type]:
-    index = {}
-    for _, cls in classes:
-        for key in config_keys(cls):
-            index[key] = cls
-    return index
-
-
-def load_yaml_config(path: str, classes: list[tuple[str, type]]) -> tuple[dict[str, Any], list[str]]:
-    """YAML file -> (values by field name, beam args). Raises ConfigError naming the bad key."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"--config: file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if data is None:
-        return {}, []
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
-    index = _key_index(classes)
-    _check_against_declared_schema(data, path)
-    values: dict[str, Any] = {}
-    beam_args: list[str] = []
-    for raw_key, value in data.items():
-        if raw_key == "beam":
-            beam_args.extend(_beam_args_from_yaml(value, path))
-            continue
-        key = str(raw_key).lstrip("-").replace("-", "_")
-        if key not in index:
-            close = difflib.get_close_matches(key, list(index), n=1)
-            hint = f"; did you mean '{close[0].replace('_', '-')}'?" if close else ""
-            raise ConfigError(f"--config {path}: unknown key '{raw_key}'{hint}")
-        values[key] = coerce_value(index[key], key, value)
-    return values, beam_args
-
-
-def _check_against_declared_schema(data: dict, path: str) -> None:
-    """Types and choices of known keys, per ``schemas/config.json`` (generated from the configs)."""
-    import jsonschema
-
-    from clip_curate.schemas import load_declaration
-
-    declared = load_declaration("config")["properties"]
-    for raw_key, value in data.items():
-        key = str(raw_key).lstrip("-").replace("-", "_")
-        if key in declared:
-            errors = list(jsonschema.Draft202012Validator(declared[key]).iter_errors(value))
-            if errors:
-                raise ConfigError(f"--config {path}: key '{raw_key}': {errors[0].message}")
-
-
-def _beam_args_from_yaml(value: Any, path: str) -> list[str]:
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    if isinstance(value, dict):
-        out = []
-        for k, v in value.items():
-            flag = "--" + str(k).lstrip("-")
-            out.extend([flag] if v is True else [] if v is False else [f"{flag}={v}"])
-        return out
-    raise ConfigError(f"--config {path}: 'beam' must be a list of flags or a mapping")
 
 
 def parse_run_args(argv: Sequence[str]) -> tuple[CurateConfig, list[str]]:

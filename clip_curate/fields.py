@@ -10,9 +10,12 @@ the same thing declared once. Validation lives in each config's ``__post_init__`
 from __future__ import annotations
 
 import argparse
+import difflib
 import dataclasses
 import typing
 from typing import Any, Sequence
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -171,3 +174,71 @@ def validate_beam_args(beam_args: Sequence[str]) -> None:
     flags = [u for u in unknown if u.startswith("-")]
     if flags:
         raise ConfigError(f"unknown flag {flags[0]} (see clip-curate run --help; Beam options are passed through)")
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML config files (clip-curate run --config FILE.yaml)
+
+def _key_index(classes: list[tuple[str, type]]) -> dict[str, type]:
+    index = {}
+    for _, cls in classes:
+        for key in config_keys(cls):
+            index[key] = cls
+    return index
+
+
+def load_yaml_config(path: str, classes: list[tuple[str, type]]) -> tuple[dict[str, Any], list[str]]:
+    """YAML file -> (values by field name, beam args). Raises ConfigError naming the bad key."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}, []
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    index = _key_index(classes)
+    _check_against_declared_schema(data, path)
+    values: dict[str, Any] = {}
+    beam_args: list[str] = []
+    for raw_key, value in data.items():
+        if raw_key == "beam":
+            beam_args.extend(_beam_args_from_yaml(value, path))
+            continue
+        key = str(raw_key).lstrip("-").replace("-", "_")
+        if key not in index:
+            close = difflib.get_close_matches(key, list(index), n=1)
+            hint = f"; did you mean '{close[0].replace('_', '-')}'?" if close else ""
+            raise ConfigError(f"--config {path}: unknown key '{raw_key}'{hint}")
+        values[key] = coerce_value(index[key], key, value)
+    return values, beam_args
+
+
+def _check_against_declared_schema(data: dict, path: str) -> None:
+    """Types and choices of known keys, per ``schemas/config.json`` (generated from the configs)."""
+    import jsonschema
+
+    from clip_curate.schemas import load_declaration
+
+    declared = load_declaration("config")["properties"]
+    for raw_key, value in data.items():
+        key = str(raw_key).lstrip("-").replace("-", "_")
+        if key in declared:
+            errors = list(jsonschema.Draft202012Validator(declared[key]).iter_errors(value))
+            if errors:
+                raise ConfigError(f"--config {path}: key '{raw_key}': {errors[0].message}")
+
+
+def _beam_args_from_yaml(value: Any, path: str) -> list[str]:
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if isinstance(value, dict):
+        out = []
+        for k, v in value.items():
+            flag = "--" + str(k).lstrip("-")
+            out.extend([flag] if v is True else [] if v is False else [f"{flag}={v}"])
+        return out
+    raise ConfigError(f"--config {path}: 'beam' must be a list of flags or a mapping")
