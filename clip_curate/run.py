@@ -19,6 +19,7 @@ from clip_curate import readers as _readers  # noqa: F401 - registers the built-
 from clip_curate.audit.assemble import run_audit
 from clip_curate.config import check_environment, parse_run_args, plan_passes
 from clip_curate.pipeline import build_pipeline
+from clip_curate.preflight import preflight
 from clip_curate.readers.base import plan_input
 from clip_curate.resume import SUBDIRS, existing_output_uids, final_shards, prepare_resume
 from clip_curate.stats import finish_stats, format_summary
@@ -37,6 +38,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     if cfg.run.log_level != "DEBUG":  # one line per type hint it converts: noise unless debugging
         logging.getLogger("apache_beam.typehints.native_type_compatibility").setLevel(logging.WARNING)
     plan = plan_input(cfg.reader)                 # fails fast on bad input
+    preflight(cfg, plan)                          # the output can be written; the input can be read
     check_environment(cfg)                        # e.g. model exists, before any download work
     passes = plan_passes(cfg, plan.estimated_rows)
     if passes > 1 and test_pipeline is not None:
