@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import apache_beam as beam
+import jsonschema
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -134,7 +135,6 @@ def test_hand_computed_composition(hand_audit):
 
 
 def test_audit_json_matches_schema(hand_audit):
-    jsonschema = pytest.importorskip("jsonschema")
     from importlib import resources
 
     schema = json.loads(resources.files("clip_curate.schemas").joinpath("audit.json").read_text("utf-8"))
@@ -286,6 +286,7 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(hand_audit, tmp_path):
     browser = _chromium()
     if browser is None:

@@ -12,26 +12,25 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_curate import cli
-from clip_curate.synthetic import world as world_mod
 from clip_curate.records import uid_hash
 from clip_curate.resume import final_shards
 from clip_curate.run import run
 
 N_WORLD = 240
-FLAGS = ["--stages", "caption,download,image,dedup", "--dedup", "exact,near", "--language-candidates", "en,de",
-         "--allow-private-addresses", "--no-respect-robots-txt", "--per-host-rps", "0", "--image-size", "64",
-         "--progress-seconds", "0", "--log-level", "WARNING"]
+STAGE_FLAGS = ["--stages", "caption,download,image,dedup", "--dedup", "exact,near", "--language-candidates", "en,de",
+               "--image-size", "64", "--progress-seconds", "0", "--log-level", "WARNING"]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def flags(local_net_flags):
+    return [*STAGE_FLAGS, *local_net_flags()]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, served_world):
     tmp = tmp_path_factory.mktemp("chunked")
-    w = world_mod.generate_world(N_WORLD, 41, dup_exact=0.06, dup_near=0.08, broken_404=0.02)
-    with world_mod.serve_world(w) as srv:
-        table = w.to_url_table(srv.base_url)
-        urls = tmp / "urls.parquet"
-        pq.write_table(table, urls)
-        yield tmp, urls, table
+    with served_world(tmp, N_WORLD, 41, dup_exact=0.06, dup_near=0.08, broken_404=0.02) as web:
+        yield tmp, web.urls, web.table
 
 
 def _rows(out, sub):
@@ -55,12 +54,13 @@ def _dup_pairs(table):
     return [(u, k.split(":", 1)[1]) for u, k in zip(d["uid"], d["truth_kind"]) if k.startswith("dup_")]
 
 
-def test_chunked_passes_account_every_row_and_dedup_across_passes(served):
+@pytest.mark.slow
+def test_chunked_passes_account_every_row_and_dedup_across_passes(served, flags):
     tmp, urls, table = served
     input_uids = table.column("uid").to_pylist()
     one, three = tmp / "one", tmp / "three"
-    run(["--input", str(urls), "--output", str(one), *FLAGS])
-    run(["--input", str(urls), "--output", str(three), "--chunk-rows", str(N_WORLD // 3 + 1), "--audit", *FLAGS])
+    run(["--input", str(urls), "--output", str(one), *flags])
+    run(["--input", str(urls), "--output", str(three), "--chunk-rows", str(N_WORLD // 3 + 1), "--audit", *flags])
     cur1, rej1, stats1 = _check_accounted(one, input_uids)
     cur3, rej3, stats3 = _check_accounted(three, input_uids)
     assert stats3["passes"] == 3 and "passes" not in stats1
@@ -90,7 +90,8 @@ def test_chunked_passes_account_every_row_and_dedup_across_passes(served):
 
 
 
-def test_resume_dedups_against_rows_of_the_earlier_run(served, tmp_path):
+@pytest.mark.slow
+def test_resume_dedups_against_rows_of_the_earlier_run(served, tmp_path, flags):
     """Run 1 curates half the input; run 2 (--resume, whole input plus re-posted URLs) drops the rows
     that duplicate run 1's curated rows, naming them."""
     _, urls, table = served
@@ -98,7 +99,7 @@ def test_resume_dedups_against_rows_of_the_earlier_run(served, tmp_path):
     first = tmp_path / "first.parquet"
     pq.write_table(pa.Table.from_pylist(rows[: len(rows) // 2]), first)
     out = tmp_path / "out"
-    run(["--input", str(first), "--output", str(out), *FLAGS])
+    run(["--input", str(first), "--output", str(out), *flags])
     kept_first = {r["uid"]: r for r in _rows(out, "curated")}
     assert len(kept_first) > 60
     # the same images again under new uids and captions: exact duplicates (same URL) of run 1's rows
@@ -106,7 +107,7 @@ def test_resume_dedups_against_rows_of_the_earlier_run(served, tmp_path):
                for r in list(kept_first.values())[:15]]
     whole = tmp_path / "whole.parquet"
     pq.write_table(pa.Table.from_pylist(rows + reposts), whole)
-    stats = run(["--input", str(whole), "--output", str(out), "--resume", *FLAGS])
+    stats = run(["--input", str(whole), "--output", str(out), "--resume", *flags])
     cur, rej, _ = _check_accounted(out, [r["uid"] for r in rows + reposts])
     assert stats["resumed"]["previous_rows"] == len(rows) // 2
     by_uid = {r["uid"]: r for r in rej}

@@ -26,6 +26,7 @@ def url_list(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_read_write_run_accounts_every_row(tmp_path, url_list):
     out = tmp_path / "out"
     res = cli("run", "--input", url_list, "--output", out, "--stages", "none", "--shard-rows", "10")

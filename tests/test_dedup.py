@@ -4,29 +4,22 @@ Ground truth: real photos (scikit-image) turned into re-encoded / resized / crop
 the synthetic world (``clip_curate.synthetic.world``) with its exact/near duplicates and eval leaks, and clustered
 synthetic embeddings with planted near-identical twins.
 """
-import glob
 import io
-import json
-import pickle
 import random
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
+from skimage import data as skdata
 
 from clip_curate.stages.dedup import (Dedup, DedupConfig, band_keys, bucket_decisions, explain, fit_semantic_model,
                                load_eval_set, near_best_dropper, normalize_url, popcount64, rank_key,
                                semantic_best_dropper, semantic_keys)
 from clip_curate.stages.image import ImageConfig, process_image
 from clip_curate.fields import ConfigError
-
-skdata = pytest.importorskip("skimage.data")
-world = pytest.importorskip("clip_curate.synthetic.world")
+from clip_curate.synthetic import world
 
 # Distinct photos (``cat`` is the same picture as ``chelsea``, so it is left out).
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry", "hubble_deep_field",
@@ -34,12 +27,6 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochem
           "gravel", "cell")
 VARIANTS = world.NEAR_DUP_VARIANTS  # reencode, resize, crop (<= 10 % of the area), colour_shift
 IMG_CFG = ImageConfig(image_size=256)
-
-
-def _jpeg(img, q=90):
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, "JPEG", quality=q)
-    return buf.getvalue()
 
 
 def _photo(name):
@@ -50,65 +37,55 @@ def _photo(name):
     return Image.fromarray(arr).convert("RGB")
 
 
-_PHOTO_ROWS = None
-
-
-def photo_rows():
+@pytest.fixture(scope="module")
+def _photo_set(jpeg):
     """Each photo as an original + one variant of each kind, through the real image stage; plus crops of
     other regions of the same photo (distinct images, must stay). Returns rows and group truth."""
-    global _PHOTO_ROWS
-    if _PHOTO_ROWS is None:
-        rng = np.random.default_rng(0)
-        rows, truth = [], {}
-        emb_rng = np.random.default_rng(1)
-        for name in PHOTOS:
-            img = _photo(name)
-            data = _jpeg(img)
-            base = emb_rng.standard_normal(64)
-            items = [("orig", data, name)] + [(v, world.near_duplicate(data, rng, v)[0], name) for v in VARIANTS]
-            w, h = img.size
-            items.append(("region", _jpeg(img.crop((0, 0, w // 2, h // 2))), name + "-region"))
-            for variant, blob, group in items:
-                res = process_image(blob, IMG_CFG)
-                assert res.fields, (name, variant)
-                emb = base + (0.02 * emb_rng.standard_normal(64) if variant != "orig" else 0)
-                if variant == "region":
-                    emb = emb_rng.standard_normal(64)
-                uid = f"{name}-{variant}"
-                rows.append({"uid": uid, "url": f"http://photos.test/{uid}.jpg", "caption": name,
-                             "clip_score": 0.5 if variant == "orig" else 0.3,
-                             "image_embedding": (emb / np.linalg.norm(emb)).astype(np.float32), **res.fields})
-                truth[uid] = group
-        _PHOTO_ROWS = rows, truth
-    return [dict(r) for r in _PHOTO_ROWS[0]], dict(_PHOTO_ROWS[1])
+    rng = np.random.default_rng(0)
+    rows, truth = [], {}
+    emb_rng = np.random.default_rng(1)
+    for name in PHOTOS:
+        img = _photo(name)
+        data = jpeg(img)
+        base = emb_rng.standard_normal(64)
+        items = [("orig", data, name)] + [(v, world.near_duplicate(data, rng, v)[0], name) for v in VARIANTS]
+        w, h = img.size
+        items.append(("region", jpeg(img.crop((0, 0, w // 2, h // 2))), name + "-region"))
+        for variant, blob, group in items:
+            res = process_image(blob, IMG_CFG)
+            assert res.fields, (name, variant)
+            emb = base + (0.02 * emb_rng.standard_normal(64) if variant != "orig" else 0)
+            if variant == "region":
+                emb = emb_rng.standard_normal(64)
+            uid = f"{name}-{variant}"
+            rows.append({"uid": uid, "url": f"http://photos.test/{uid}.jpg", "caption": name,
+                         "clip_score": 0.5 if variant == "orig" else 0.3,
+                         "image_embedding": (emb / np.linalg.norm(emb)).astype(np.float32), **res.fields})
+            truth[uid] = group
+    return rows, truth
 
 
-def run_dedup(rows, cfg, tmp_path, workers=1, shuffle=False, seed=7):
-    """Run Dedup on the DirectRunner; returns {uid: ("kept"|reason, detail)} (asserting each row once),
-    the number of rows written and, with one worker, the committed counters."""
-    rows = list(rows)
-    if shuffle:
-        random.Random(seed).shuffle(rows)
-    out_dir = tmp_path / f"out-{workers}-{int(shuffle)}-{seed}"
-    opts = PipelineOptions(direct_num_workers=workers,
-                           direct_running_mode="multi_processing" if workers > 1 else "in_memory")
-    src = tmp_path / f"rows-{workers}-{int(shuffle)}-{seed}.pkl"
-    src.write_bytes(pickle.dumps(rows))  # read inside the pipeline: a big Create bloats the job graph
-    p = beam.Pipeline(options=opts)
-    kept, rejected = (p | beam.Create([str(src)]) | beam.FlatMap(lambda f: pickle.loads(open(f, "rb").read()))
-                      | beam.Reshuffle() | Dedup(cfg))
-    (kept | "K" >> beam.Map(lambda r: json.dumps([r["uid"], "kept", ""]))
-     | "WK" >> beam.io.WriteToText(str(out_dir / "kept")))
-    (rejected | "R" >> beam.Map(lambda r: json.dumps([r["uid"], r["reason"], r["detail"], r["stage"]]))
-     | "WR" >> beam.io.WriteToText(str(out_dir / "rejected")))
-    result = p.run()
-    result.wait_until_finish()
-    lines = [json.loads(line) for f in sorted(glob.glob(str(out_dir / "*"))) for line in open(f)]
-    counters = {}
-    if workers == 1:
-        for c in result.metrics().query(MetricsFilter())["counters"]:
-            counters[c.key.metric.name] = c.committed
-    return lines, counters
+@pytest.fixture
+def photo_rows(_photo_set):
+    """A fresh copy of the photo rows and their group truth (tests may change them)."""
+    return [dict(r) for r in _photo_set[0]], dict(_photo_set[1])
+
+
+@pytest.fixture(scope="session")
+def run_dedup(run_transform):
+    def run(rows, cfg, workers=1, shuffle=False, seed=7):
+        """Run Dedup on the DirectRunner; returns one line per output row, ``[uid, "kept", ""]`` or
+        ``[uid, reason, detail, stage]``, and, with one worker, the committed counters."""
+        rows = list(rows)
+        if shuffle:
+            random.Random(seed).shuffle(rows)
+        options = [f"--direct_num_workers={workers}",
+                   f"--direct_running_mode={'multi_processing' if workers > 1 else 'in_memory'}"]
+        ran = run_transform(rows, Dedup(cfg), options=options, via_file=True, reshuffle=True, all_namespaces=True)
+        lines = ([[r["uid"], "kept", ""] for r in ran.kept]
+                 + [[r["uid"], r["reason"], r["detail"], r["stage"]] for r in ran.rejected])
+        return lines, (ran.counters if workers == 1 else {})
+    return run
 
 
 def decisions(lines):
@@ -267,7 +244,7 @@ def test_bucket_rule_is_order_independent_and_drops_even_when_dropper_is_dropped
 # Beam: exact
 
 
-def test_exact_by_url_sha_caption_pairs_and_repeated_uid(tmp_path):
+def test_exact_by_url_sha_caption_pairs_and_repeated_uid(run_dedup):
     base = {"width": 10, "height": 10, "phash": "0" * 16}
     rows = [dict(base, uid="a", url="http://h.test/1", caption="one", sha256="s1", clip_score=0.2),
             dict(base, uid="b", url="http://h.test/2", caption="two", sha256="s1", clip_score=0.9),  # same bytes
@@ -275,7 +252,7 @@ def test_exact_by_url_sha_caption_pairs_and_repeated_uid(tmp_path):
             dict(base, uid="d", url="http://h.test/4", caption="four", sha256="s4", clip_score=0.1),
             dict(base, uid="d", url="http://h.test/4", caption="four", sha256="s4", clip_score=0.1),  # uid twice
             dict(base, uid="e", url="http://h.test/5", caption="Two ", sha256="s1", clip_score=0.05)]
-    lines, counters = run_dedup(rows, DedupConfig(dedup=("exact",)), tmp_path)
+    lines, counters = run_dedup(rows, DedupConfig(dedup=("exact",)))
     assert len(lines) == len(rows)
     by_uid = {}
     for uid, reason, detail, *_ in lines:
@@ -288,8 +265,7 @@ def test_exact_by_url_sha_caption_pairs_and_repeated_uid(tmp_path):
     assert by_uid["e"] == [("duplicate_exact", "duplicate of b")]
     assert counters["dedup_in"] == 6 and counters["dedup_out"] == 2 and counters["dedup_duplicate_exact"] == 4
     # caption pairs: the same bytes with another caption is not a duplicate; same caption (normalised) is
-    lines, _ = run_dedup(rows, DedupConfig(dedup=("exact",), dedup_caption_pairs=True), tmp_path, seed=1,
-                         shuffle=True)
+    lines, _ = run_dedup(rows, DedupConfig(dedup=("exact",), dedup_caption_pairs=True), seed=1, shuffle=True)
     got = {u: r for u, r, *_ in lines if r != "duplicate_exact" or u != "d"}
     assert got["a"] == got["c"] == "kept" and got["e"] == "duplicate_exact" and got["b"] == "kept"
 
@@ -298,9 +274,9 @@ def test_exact_by_url_sha_caption_pairs_and_repeated_uid(tmp_path):
 # Beam: near duplicates of real photos
 
 
-def test_near_duplicates_of_real_photos(tmp_path):
-    rows, truth = photo_rows()
-    lines, counters = run_dedup(rows, DedupConfig(dedup=("near",), near_dup_hamming=12), tmp_path)
+def test_near_duplicates_of_real_photos(photo_rows, run_dedup):
+    rows, truth = photo_rows
+    lines, counters = run_dedup(rows, DedupConfig(dedup=("near",), near_dup_hamming=12))
     out = decisions(lines)
     assert len(out) == len(rows) == counters["dedup_in"]
     precision, recall = precision_recall(out, truth, {"duplicate_near"})
@@ -310,7 +286,7 @@ def test_near_duplicates_of_real_photos(tmp_path):
         assert out[f"{name}-region"][0] == "kept"        # another region of the photo is a different image
         assert out[f"{name}-colour_shift"] == ("duplicate_near", f"duplicate of {name}-orig")
     # the default threshold (6) catches every re-encode, resize and colour shift; crops need ~12
-    lines, _ = run_dedup(rows, DedupConfig(dedup=("near",)), tmp_path, seed=2, shuffle=True)
+    lines, _ = run_dedup(rows, DedupConfig(dedup=("near",)), seed=2, shuffle=True)
     out6 = decisions(lines)
     for v in ("reencode", "resize", "colour_shift"):
         assert sum(out6[f"{n}-{v}"][0] == "duplicate_near" for n in PHOTOS) >= 0.9 * len(PHOTOS), v
@@ -338,11 +314,11 @@ def clustered_rows(n_groups=600, d=64, seed=0):
     return rows, truth
 
 
-def test_semantic_dedup_with_split_clusters(tmp_path):
+def test_semantic_dedup_with_split_clusters(run_dedup):
     rows, truth = clustered_rows()
     cfg = DedupConfig(dedup=("semantic",), semantic_threshold=0.95, semantic_clusters=6, semantic_max_group=60,
                       semantic_sample=len(rows))  # the plan sees every row: no group may exceed the bound
-    lines, counters = run_dedup(rows, cfg, tmp_path)
+    lines, counters = run_dedup(rows, cfg)
     out = decisions(lines)
     assert len(out) == len(rows)
     precision, recall = precision_recall(out, truth, {"duplicate_semantic"})
@@ -360,12 +336,11 @@ def test_semantic_dedup_with_split_clusters(tmp_path):
     assert max(sizes.values()) <= 60
 
 
-def test_semantic_skips_rows_without_embeddings(tmp_path):
+def test_semantic_skips_rows_without_embeddings(run_dedup):
     rows, _ = clustered_rows(n_groups=60)
     for r in rows[::4]:
         r["image_embedding"] = None
-    lines, counters = run_dedup(rows, DedupConfig(dedup=("semantic",), semantic_clusters=2, semantic_sample=40),
-                                tmp_path)
+    lines, counters = run_dedup(rows, DedupConfig(dedup=("semantic",), semantic_clusters=2, semantic_sample=40))
     out = decisions(lines)
     assert len(out) == len(rows)
     assert all(out[r["uid"]][0] == "kept" for r in rows[::4])
@@ -382,13 +357,13 @@ def _png(img):
     return buf.getvalue()
 
 
-def test_decontamination_catches_resized_and_reencoded_eval_images(tmp_path):
-    rows, _ = photo_rows()
+def test_decontamination_catches_resized_and_reencoded_eval_images(tmp_path, photo_rows, run_dedup):
+    rows, _ = photo_rows
     eval_dir = tmp_path / "eval" / "sub"
     eval_dir.mkdir(parents=True)
     for name in ("coffee", "rocket"):   # the eval copies are resized PNGs: no byte-identical leak
         (eval_dir / f"{name}.png").write_bytes(_png(_photo(name).resize((300, 200))))
-    lines, counters = run_dedup(rows, DedupConfig(dedup=(), decontaminate=str(tmp_path / "eval")), tmp_path)
+    lines, counters = run_dedup(rows, DedupConfig(dedup=(), decontaminate=str(tmp_path / "eval")))
     out = decisions(lines)
     leaked = {u for u, (r, _) in out.items() if r == "eval_leak"}
     expected = {f"{n}-{v}" for n in ("coffee", "rocket") for v in ("orig", "reencode", "resize", "colour_shift")}
@@ -398,7 +373,7 @@ def test_decontamination_catches_resized_and_reencoded_eval_images(tmp_path):
     assert counters["dedup_eval_leak"] == len(leaked)
 
 
-def test_decontamination_from_parquet_embeddings_and_dimension_mismatch(tmp_path):
+def test_decontamination_from_parquet_embeddings_and_dimension_mismatch(tmp_path, run_dedup):
     rows, truth = clustered_rows(n_groups=90)
     leak = rows[5]["image_embedding"] + np.float32(0.01)
     table = pa.table({"uid": ["e-1", "e-2"],
@@ -406,21 +381,21 @@ def test_decontamination_from_parquet_embeddings_and_dimension_mismatch(tmp_path
     pq.write_table(table, tmp_path / "eval.parquet")
     ev = load_eval_set(str(tmp_path / "eval.parquet"))
     assert ev.embeddings.shape == (2, 64) and len(ev.phashes) == 0
-    lines, _ = run_dedup(rows, DedupConfig(dedup=(), decontaminate=str(tmp_path / "eval.parquet")), tmp_path)
+    lines, _ = run_dedup(rows, DedupConfig(dedup=(), decontaminate=str(tmp_path / "eval.parquet")))
     out = decisions(lines)
     leaked = {u: d for u, (r, d) in out.items() if r == "eval_leak"}
     assert rows[5]["uid"] in leaked and leaked[rows[5]["uid"]].startswith("eval item e-1 (cosine 0.99")
     assert len(leaked) <= 2  # only the leaked row (and its twin, if it has one)
     bad = [dict(r, image_embedding=np.ones(32, np.float32) / np.sqrt(32)) for r in rows[:3]]
     with pytest.raises(Exception, match="eval embeddings have 64 dimensions but rows have 32"):
-        run_dedup(bad, DedupConfig(dedup=(), decontaminate=str(tmp_path / "eval.parquet")), tmp_path)
+        run_dedup(bad, DedupConfig(dedup=(), decontaminate=str(tmp_path / "eval.parquet")))
 
 
 # ---------------------------------------------------------------------------------------------
 # The synthetic world (exact and near duplicates, eval leaks, ground truth)
 
 
-def test_world_duplicates_and_eval_leaks(tmp_path):
+def test_world_duplicates_and_eval_leaks(tmp_path, run_dedup):
     w = world.generate_world(400, seed=11, dup_exact=0.05, dup_near=0.08, eval_leak=0.04, eval_size=24)
     w.write_eval_dir(tmp_path / "eval")
     rows, scene = [], {}
@@ -432,7 +407,7 @@ def test_world_duplicates_and_eval_leaks(tmp_path):
                      "clip_score": None, **res.fields})
         scene[it.uid] = it.truth.get("of") or it.uid
     cfg = DedupConfig(dedup=("exact", "near"), near_dup_hamming=8, decontaminate=str(tmp_path / "eval"))
-    lines, _ = run_dedup(rows, cfg, tmp_path)
+    lines, _ = run_dedup(rows, cfg)
     out = decisions(lines)
     assert len(out) == len(rows)
     kinds = {it.uid: world.kind_family(it.kind) for it in w.items}
@@ -454,8 +429,8 @@ def test_world_duplicates_and_eval_leaks(tmp_path):
 # Worker count, input order, faults: identical decisions, every row exactly once
 
 
-def test_same_decisions_with_two_worker_processes_and_shuffled_input(tmp_path):
-    rows, _ = photo_rows()
+def test_same_decisions_with_two_worker_processes_and_shuffled_input(tmp_path, photo_rows, jpeg, run_dedup):
+    rows, _ = photo_rows
     faulty = [dict(rows[0], uid="no-phash", phash=None, url="http://photos.test/np"),
               dict(rows[1], uid="bad-phash", phash="zz-not-hex", url="http://photos.test/bp"),
               dict(rows[2], uid="nan-score", clip_score=float("nan"), url="http://photos.test/nan"),
@@ -463,11 +438,11 @@ def test_same_decisions_with_two_worker_processes_and_shuffled_input(tmp_path):
     rows += faulty + [dict(rows[5])]  # and one uid twice
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()
-    (eval_dir / "clock.jpg").write_bytes(_jpeg(_photo("clock").resize((200, 150)), 70))
+    (eval_dir / "clock.jpg").write_bytes(jpeg(_photo("clock").resize((200, 150)), quality=70))
     cfg = DedupConfig(dedup=("exact", "near", "semantic"), near_dup_hamming=12, semantic_clusters=3,
                       semantic_sample=60, semantic_max_group=20, decontaminate=str(eval_dir))
-    one, _ = run_dedup(rows, cfg, tmp_path)
-    two, _ = run_dedup(rows, cfg, tmp_path, workers=2, shuffle=True)
+    one, _ = run_dedup(rows, cfg)
+    two, _ = run_dedup(rows, cfg, workers=2, shuffle=True)
     assert len(one) == len(two) == len(rows)
     assert sorted(map(tuple, one)) == sorted(map(tuple, two))
     reasons = {r for _, r, *_ in one}

@@ -3,6 +3,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 
 def test_demo_end_to_end(tmp_path):
     res = subprocess.run([sys.executable, "-m", "clip_curate.cli", "demo", "--output", str(tmp_path), "--rows", "120",

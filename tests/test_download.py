@@ -3,14 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 
-import apache_beam as beam
 import pytest
-from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from clip_curate import records
 from clip_curate.stages.download import (Download, DownloadConfig, address_block_reason, check_url, parse_resolve,
@@ -23,50 +18,24 @@ FAST = dict(timeout=1.0, deadline=2.0, retries=2, retry_backoff=0.05, per_host_r
 
 
 # ---------------------------------------------------------------------------------------------
-# Harness: a real pipeline, outputs collected through files
+# Harness: a real pipeline (conftest's run_transform), rows as JSON with the body as its size and hash
 
 
-def run_download(rows, cfg: DownloadConfig, beam_args=()):
-    """Run Create(rows) | Download(cfg); returns (kept, rejected, counters dict, wall seconds)."""
-    tmp = tempfile.mkdtemp()
-    dirs = {name: os.path.join(tmp, name) for name in ("kept", "rejected")}
-    for d in dirs.values():
-        os.makedirs(d)
+def _as_written(row):
+    body = row.get("image_bytes")
+    rec = {k: v for k, v in row.items() if k != "image_bytes"}
+    if body is not None:
+        rec["nbytes"], rec["sha256"] = len(body), hashlib.sha256(body).hexdigest()
+    return json.loads(json.dumps(rec))
 
-    def sink(path):  # a closure, so worker processes unpickle it without importing this test module
-        def write(row):
-            import hashlib as _h
-            import json as _j
-            import os as _o
-            body = row.get("image_bytes")
-            rec = {k: v for k, v in row.items() if k != "image_bytes"}
-            if body is not None:
-                rec["nbytes"], rec["sha256"] = len(body), _h.sha256(body).hexdigest()
-            with open(_o.path.join(path, f"{_o.getpid()}.jsonl"), "a") as f:
-                f.write(_j.dumps(rec) + "\n")
-        return write
 
-    p = beam.Pipeline(options=PipelineOptions(list(beam_args)))
-    kept, rejected = p | beam.Create(rows) | Download(cfg)
-    kept | "SinkKept" >> beam.Map(sink(dirs["kept"]))
-    rejected | "SinkRejected" >> beam.Map(sink(dirs["rejected"]))
-    t0 = time.monotonic()
-    result = p.run()
-    result.wait_until_finish()
-    wall = time.monotonic() - t0
-    out = {}
-    for name, d in dirs.items():
-        out[name] = [json.loads(line) for f in os.listdir(d) for line in open(os.path.join(d, f))]
-    counters = {}
-    try:
-        q = result.metrics().query(MetricsFilter().with_namespace(records.METRICS_NAMESPACE))
-        for c in q["counters"]:
-            counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + c.committed
-        for d in q["distributions"]:
-            counters[d.key.metric.name] = d.committed
-    except Exception:  # noqa: BLE001 - some runners report no metrics
-        pass
-    return out["kept"], out["rejected"], counters, wall
+@pytest.fixture(scope="session")
+def run_download(run_transform):
+    def run(rows, cfg: DownloadConfig, beam_args=()):
+        """Run Create(rows) | Download(cfg); returns (kept, rejected, counters dict, wall seconds)."""
+        ran = run_transform(rows, Download(cfg), options=beam_args)
+        return [_as_written(r) for r in ran.kept], [_as_written(r) for r in ran.rejected], ran.counters, ran.wall
+    return run
 
 
 def rows_for(urls):
@@ -170,7 +139,7 @@ EXPECTED = {  # path -> (kept?, reason)
 }
 
 
-def test_fault_web_exact_reasons():
+def test_fault_web_exact_reasons(run_download):
     with WebServer(fault_routes(JPEG, slow_s=3.0, big_bytes=1_500_000)) as srv:
         urls = [srv.url(p) for p in EXPECTED] + ["ftp://127.0.0.1/x.jpg", "not a url"]
         cfg = DownloadConfig(**{**FAST, "host_failure_limit": 0}, allow_private_addresses=True,
@@ -199,7 +168,7 @@ def test_fault_web_exact_reasons():
     assert counters["download_msecs"].count == len(urls)
 
 
-def test_ssrf_guard_blocks_loopback_without_a_request():
+def test_ssrf_guard_blocks_loopback_without_a_request(run_download):
     with WebServer({"/a.jpg": Route(JPEG, content_type="image/jpeg")}) as srv:
         urls = [srv.url("/a.jpg"), srv.url("/a.jpg").replace("127.0.0.1", "local.test"),
                 srv.url("/a.jpg").replace("127.0.0.1", "[::ffff:127.0.0.1]")]
@@ -211,7 +180,7 @@ def test_ssrf_guard_blocks_loopback_without_a_request():
     assert "loopback" in rejected[0]["detail"] and counters["download_blocked_address"] == 3
 
 
-def test_ssrf_guard_on_redirect_hop():
+def test_ssrf_guard_on_redirect_hop(run_download):
     origin, target = loopback_hosts(2, first=40)
     with WebServer({"/a.jpg": Route(JPEG, content_type="image/jpeg")}, host=target) as inner:
         routes = {"/to-private": Route(redirect_to=inner.url("/a.jpg")),
@@ -228,7 +197,7 @@ def test_ssrf_guard_on_redirect_hop():
         "to-private": "blocked_address", "to-private-name": "blocked_address", "to-file": "blocked_scheme"}
 
 
-def test_opt_out_closes_before_the_body():
+def test_opt_out_closes_before_the_body(run_download):
     size = 20_000_000
     routes = {"/noai.jpg": Route(b"\xff\xd8\xff" + bytes(size - 3), content_type="image/jpeg",
                                  headers={"X-Robots-Tag": "noai"})}
@@ -258,7 +227,7 @@ def _many_hosts(n, first=60):
     return hosts, names, tuple(f"{nm}:{h}" for nm, h in zip(names, hosts))
 
 
-def test_per_host_concurrency_limit_with_high_total_throughput():
+def test_per_host_concurrency_limit_with_high_total_throughput(run_download):
     hosts, names, resolve = _many_hosts(20)
     routes = {"/img.jpg": Route(JPEG, content_type="image/jpeg", delay_s=0.1)}
     with WebServer(routes, hosts=hosts) as srv:
@@ -277,7 +246,7 @@ def test_per_host_concurrency_limit_with_high_total_throughput():
     assert counters["dns_cache_hits"] == 240 - 20                # one lookup per name
 
 
-def test_per_host_rps_limit():
+def test_per_host_rps_limit(run_download):
     with WebServer({"/i.jpg": Route(JPEG, content_type="image/jpeg")}) as srv:
         urls = [srv.url(f"/i.jpg?n={i}") for i in range(11)]
         cfg = DownloadConfig(**{**FAST, "per_host_rps": 10.0}, allow_private_addresses=True,
@@ -288,7 +257,7 @@ def test_per_host_rps_limit():
     assert s.last_request_at - s.first_request_at >= 0.95     # 11 starts at 10/s: >= 1 s apart in all
 
 
-def test_one_slow_host_does_not_stall_the_others():
+def test_one_slow_host_does_not_stall_the_others(run_download):
     hosts, names, resolve = _many_hosts(20, first=90)
     slow_host = hosts[0]
     routes = {"/img.jpg": Route(JPEG, content_type="image/jpeg", delay_s=0.05),
@@ -316,7 +285,7 @@ def test_one_slow_host_does_not_stall_the_others():
 ROBOTS = b"User-agent: *\nDisallow: /private/\n\nUser-agent: otherbot\nDisallow: /\n"
 
 
-def test_robots_txt_cases():
+def test_robots_txt_cases(run_download):
     hosts, names, resolve = _many_hosts(5, first=130)
     img = Route(JPEG, content_type="image/jpeg")
     routes = {"/public/a.jpg": img, "/private/b.jpg": img,
@@ -351,7 +320,7 @@ def test_robots_txt_cases():
 # DNS, retry of transient failures, runners
 
 
-def test_dns_cache_and_dns_error():
+def test_dns_cache_and_dns_error(run_download):
     with WebServer({"/i.jpg": Route(JPEG, content_type="image/jpeg")}, host="127.0.0.7") as srv:
         good = [f"http://img.test:{srv.port}/i.jpg?{i}" for i in range(6)]
         bad = [f"http://nowhere.invalid:{srv.port}/i.jpg?{i}" for i in range(4)]
@@ -364,7 +333,7 @@ def test_dns_cache_and_dns_error():
     assert counters["download_dns_error"] == 4
 
 
-def test_rows_recovered_once_the_server_is_back():
+def test_rows_recovered_once_the_server_is_back(run_download):
     with WebServer({"/i.jpg": Route(JPEG, content_type="image/jpeg")}) as srv:
         port = srv.port
     urls = [f"http://127.0.0.1:{port}/i.jpg?{i}" for i in range(5)]
@@ -378,7 +347,7 @@ def test_rows_recovered_once_the_server_is_back():
     assert len(kept) == 5 and rejected2 == []
 
 
-def test_multiprocess_direct_runner():
+def test_multiprocess_direct_runner(run_download):
     with WebServer(fault_routes(JPEG)) as srv:
         urls = [srv.url("/ok.jpg") + f"?{i}" for i in range(8)] + [srv.url("/404"), srv.url("/noai.jpg")]
         cfg = DownloadConfig(**FAST, allow_private_addresses=True)
@@ -387,7 +356,8 @@ def test_multiprocess_direct_runner():
     assert len(kept) == 8 and sorted(r["reason"] for r in rejected) == ["http_404", "opted_out"]
 
 
-def test_portable_runner(tmp_path):
+@pytest.mark.slow
+def test_portable_runner(tmp_path, run_download):
     """The portable path (what Flink/Spark use): pickling and setup() must work in an SDK worker."""
     import socket
     import subprocess
@@ -417,7 +387,7 @@ def test_portable_runner(tmp_path):
     assert len(kept) == 4 and [r["reason"] for r in rejected] == ["http_404"]
 
 
-def test_results_stream_out_of_process_when_the_buffer_is_full():
+def test_results_stream_out_of_process_when_the_buffer_is_full(run_download):
     with WebServer({"/i.jpg": Route(JPEG, content_type="image/jpeg")}) as srv:
         urls = [srv.url(f"/i.jpg?{i}") for i in range(100)] + [srv.url("/missing")]
         cfg = DownloadConfig(**FAST, threads=1, allow_private_addresses=True)   # 64 rows queued at most
@@ -427,7 +397,7 @@ def test_results_stream_out_of_process_when_the_buffer_is_full():
     assert counters["download_in"] == 101 and counters["download_out"] == 100
 
 
-def test_slow_hosts_get_a_latency_metric():
+def test_slow_hosts_get_a_latency_metric(run_download):
     routes = {"/i.jpg": Route(JPEG, content_type="image/jpeg"),
               "127.0.0.9/i.jpg": Route(JPEG, content_type="image/jpeg", delay_s=2.2)}
     with WebServer(routes, hosts=["127.0.0.8", "127.0.0.9"]) as srv:

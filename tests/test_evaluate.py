@@ -119,6 +119,7 @@ def test_pool_from_parquet_and_webdataset_agree(tiny, tmp_path):
     assert bool((from_wds.pixels == from_parquet.pixels).all())
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end_tiny(tiny, capsys):
     root, w = tiny
     out = root / "result"
@@ -152,18 +153,17 @@ def test_evaluate_end_to_end_tiny(tiny, capsys):
     assert again["arms"]["curated"]["runs"][1]["retrieval"] == result["arms"]["curated"]["runs"][1]["retrieval"]
 
 
-def test_raw_url_list_is_downloaded_unfiltered(tiny, tmp_path):
+@pytest.mark.slow
+def test_raw_url_list_is_downloaded_unfiltered(tiny, tmp_path, served_world, local_net_flags):
     """--raw URLS: a real clip-curate run --stages download,image against a local world server."""
     root, _ = tiny
-    w = W.generate_world(24, seed=11, image_px=64, broken_404=0.1)
-    with W.serve_world(w) as srv:
-        urls = tmp_path / "urls.parquet"
-        pq.write_table(w.to_url_table(srv.base_url, include_uid=False), urls)
+    with served_world(tmp_path, 24, 11, include_uid=False, image_px=64, broken_404=0.1) as web:
+        w, urls = web.world, web.urls
         assert E.pool_kind(str(urls)) == "urls"
         rc = E.main(["--raw", str(urls), "--curated", str(root / "out"), "--eval-set", str(root / "heldout"),
                      "--steps", "2", "--batch-size", "8", "--seeds", "0", "--output", str(tmp_path / "ev"),
                      "--model-config", str(root / "micro.json"), "--attributes", "shape,colour",
-                     "--allow-private-addresses", "--per-host-rps", "0"])
+                     *local_net_flags(respect_robots_txt=True)])
     assert rc == 0
     result = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert result["arms"]["raw"]["pairs"] == sum(1 for it in w.items if it.kind != "broken_404")

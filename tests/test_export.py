@@ -18,22 +18,21 @@ from clip_curate.cli import main as cli_main
 from clip_curate.fields import ConfigError
 
 
-def _jpeg(i: int) -> bytes:
-    rng = np.random.default_rng(i)
-    attrs = W.sample_attributes(rng)
-    return W.encode_image(W.render_scene(attrs, i, image_px=32, supersample=1))
-
-
-def _rows(n: int, start: int = 0) -> list[dict]:
-    out = []
-    for i in range(start, start + n):
-        out.append({"uid": f"{i:032x}", "url": f"http://127.0.0.1/img/{i}.jpg", "caption": f"caption {i} é ✓",
-                    "image": _jpeg(i), "width": 32, "height": 32, "original_width": 32, "original_height": 32,
-                    "sha256": "ab" * 32, "phash": "0" * 16, "language": "en", "clip_score": 0.5 + i / 1000,
-                    "image_embedding": [0.1] * 8, "text_embedding": [0.2] * 8, "embed_model": "synthetic-tiny",
-                    "nsfw_score": 0.01, "nsfw_clip_score": None, "unsafe_caption": False, "safety_flags": None,
-                    "truth_kind": "matched"})
-    return out
+@pytest.fixture(scope="session")
+def make_rows(jpeg):
+    """``make_rows(n, start=0)``: curated rows whose images are 32 px synthetic scenes."""
+    def make(n: int, start: int = 0) -> list[dict]:
+        out = []
+        for i in range(start, start + n):
+            scene = W.render_scene(W.sample_attributes(np.random.default_rng(i)), i, image_px=32, supersample=1)
+            out.append({"uid": f"{i:032x}", "url": f"http://127.0.0.1/img/{i}.jpg", "caption": f"caption {i} é ✓",
+                        "image": jpeg(scene), "width": 32, "height": 32, "original_width": 32,
+                        "original_height": 32, "sha256": "ab" * 32, "phash": "0" * 16, "language": "en",
+                        "clip_score": 0.5 + i / 1000, "image_embedding": [0.1] * 8, "text_embedding": [0.2] * 8,
+                        "embed_model": "synthetic-tiny", "nsfw_score": 0.01, "nsfw_clip_score": None,
+                        "unsafe_caption": False, "safety_flags": None, "truth_kind": "matched"})
+        return out
+    return make
 
 
 def _write_curated(root: str, parts: list[list[dict]]) -> str:
@@ -51,8 +50,8 @@ def _tar_members(path: str) -> list[str]:
         return t.getnames()
 
 
-def test_round_trip_every_row_once_identical_bytes(tmp_path):
-    rows = _rows(23) + _rows(10, start=100)
+def test_round_trip_every_row_once_identical_bytes(tmp_path, make_rows):
+    rows = make_rows(23) + make_rows(10, start=100)
     cur = _write_curated(str(tmp_path), [rows[:23], rows[23:]])
     out = str(tmp_path / "wds")
     assert cli_main(["export", "--input", str(tmp_path), "--format", "webdataset", "--output", out,
@@ -87,7 +86,7 @@ def test_round_trip_every_row_once_identical_bytes(tmp_path):
     assert cur  # written
 
 
-def test_open_clip_training_loader_convention(tmp_path):
+def test_open_clip_training_loader_convention(tmp_path, make_rows):
     """open_clip's dataset-size lookup (sizes.json stands in for --train-num-samples) and its WebDataset
     stage chain (decode pilrgb, rename image=jpg;png;jpeg;webp text=txt, preprocess, tokenize, batch).
     open_clip_train's own tar grouping needs webdataset<=0.2.86 (its training extra pins it), so the
@@ -96,7 +95,7 @@ def test_open_clip_training_loader_convention(tmp_path):
     from open_clip_train.data import expand_urls, filter_no_caption_or_no_image, get_dataset_size
     from clip_curate.synthetic.train import make_preprocess, make_tokenizer
 
-    _write_curated(str(tmp_path), [_rows(12)])
+    _write_curated(str(tmp_path), [make_rows(12)])
     out = str(tmp_path / "wds")
     res = export.export_webdataset(str(tmp_path / "curated"), out, shard_size=5)
     assert get_dataset_size(res.pattern) == (12, 3)
@@ -112,10 +111,10 @@ def test_open_clip_training_loader_convention(tmp_path):
     assert tuple(batches[0][0].shape) == (4, 3, 64, 64) and tuple(batches[0][1].shape) == (4, 32)
 
 
-def test_fsspec_paths_and_skips(tmp_path):
+def test_fsspec_paths_and_skips(tmp_path, make_rows):
     import fsspec
 
-    rows = _rows(5)
+    rows = make_rows(5)
     rows[1]["image"] = None  # a row without bytes cannot be a training sample
     rows[3]["uid"] = "a.b/c"  # '.' and '/' would split the WebDataset key
     fs = fsspec.filesystem("memory")
@@ -134,23 +133,23 @@ def test_fsspec_paths_and_skips(tmp_path):
     assert export.export_webdataset("memory:///exp-in", "memory:///exp-out", overwrite=True).total == 4
 
 
-def test_user_mistakes(tmp_path, capsys):
+def test_user_mistakes(tmp_path, capsys, make_rows):
     assert cli_main(["export", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
     assert "--input" in capsys.readouterr().err
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"url": ["x"]}), bad)
     assert cli_main(["export", "--input", str(bad), "--output", str(tmp_path / "o")]) == 2
     assert "no 'uid' column" in capsys.readouterr().err
-    _write_curated(str(tmp_path), [_rows(2)])
+    _write_curated(str(tmp_path), [make_rows(2)])
     assert cli_main(["export", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--format", "tfrecord"]) == 2
     assert cli_main(["export", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--shard-size", "0"]) == 2
     assert not os.path.exists(tmp_path / "o" / "00000.tar")
 
 
-def test_streaming_memory_is_one_batch(tmp_path):
+def test_streaming_memory_is_one_batch(tmp_path, make_rows):
     """The writer never holds the corpus: rows come from a generator over record batches."""
-    _write_curated(str(tmp_path), [_rows(40)])
+    _write_curated(str(tmp_path), [make_rows(40)])
     it = export.iter_rows(str(tmp_path / "curated"), batch_rows=8)
     assert next(it)["uid"] == f"{0:032x}" and "image_embedding" not in next(it)
-    img = Image.open(io.BytesIO(_rows(1)[0]["image"]))
+    img = Image.open(io.BytesIO(make_rows(1)[0]["image"]))
     assert img.format == "JPEG"

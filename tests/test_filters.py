@@ -1,15 +1,10 @@
 """Caption rules (words, characters, language) and CLIP score filters (absolute, global top fraction)."""
 from __future__ import annotations
 
-import tempfile
-
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
 
-from clip_curate import records
 from clip_curate.stages.caption import CaptionConfig, CaptionFilter, build_detector, caption_verdict
 from clip_curate.stages.clip_score import ClipFilterConfig, ClipScoreFilter, clip_verdict, cutoff_from_quantiles
 from clip_curate.fields import ConfigError
@@ -23,33 +18,6 @@ CANDIDATES = ("en", "de", "fr", "es", "it", "nl")
 @pytest.fixture(scope="module")
 def detector():
     return build_detector(CaptionConfig(language_candidates=CANDIDATES))
-
-
-def _run(rows, transform, options=None):
-    """Apply ``transform`` to ``rows``; returns (kept, rejected, clip_curate counters)."""
-
-    def _dump(items, path):  # nested: pickled by value, worker processes need not import this file
-        import pickle
-
-        with open(path, "wb") as f:
-            pickle.dump(list(items), f)
-
-    import pickle
-
-    with tempfile.TemporaryDirectory() as tmp:
-        p = beam.Pipeline(options=PipelineOptions(options or []))
-        kept, rejected = p | beam.Create(rows) | transform
-        for name, pc in (("kept", kept), ("rejected", rejected)):
-            pc | f"List{name}" >> beam.combiners.ToList() | f"Dump{name}" >> beam.Map(_dump, f"{tmp}/{name}.pkl")
-        result = p.run()
-        result.wait_until_finish()
-        out = {}
-        for name in ("kept", "rejected"):
-            with open(f"{tmp}/{name}.pkl", "rb") as f:
-                out[name] = pickle.load(f)
-    counters = {c.key.metric.name: c.committed
-                for c in result.metrics().query(MetricsFilter().with_namespace(records.METRICS_NAMESPACE))["counters"]}
-    return out["kept"], out["rejected"], counters
 
 
 def test_word_and_char_rules():
@@ -101,13 +69,13 @@ def test_caption_config_errors():
     assert CaptionConfig(language_candidates=("all",)).language_candidates == ()
 
 
-def test_caption_filter_pipeline():
+def test_caption_filter_pipeline(run_transform):
     rows = [{"uid": "en", "caption": EN}, {"uid": "de", "caption": DE}, {"uid": "fr", "caption": FR},
             {"uid": "none", "caption": None}, {"uid": "short", "caption": "red circle"},
             {"uid": "long", "caption": EN + " " + EN + " " + EN}]
     cfg = CaptionConfig(min_caption_words=3, max_caption_chars=120, languages=("en", "de"),
                         language_candidates=CANDIDATES)
-    kept, rejected, counters = _run(rows, CaptionFilter(cfg))
+    kept, rejected, counters, _ = run_transform(rows, CaptionFilter(cfg))
     assert sorted(r["uid"] for r in kept) == ["de", "en"]
     assert {r["uid"]: r["language"] for r in kept} == {"en": "en", "de": "de"}
     rej = {r["uid"]: (r["stage"], r["reason"], r["language"]) for r in rejected}
@@ -143,9 +111,9 @@ def _score_rows(n, seed=0):
     return [{"uid": f"r{i:05d}", "clip_score": float(s)} for i, s in enumerate(scores)]
 
 
-def test_absolute_threshold_pipeline():
+def test_absolute_threshold_pipeline(run_transform):
     rows = _score_rows(400) + [{"uid": "unscored", "clip_score": None}]
-    kept, rejected, counters = _run(rows, ClipScoreFilter(ClipFilterConfig(min_clip_score=0.25)))
+    kept, rejected, counters, _ = run_transform(rows, ClipScoreFilter(ClipFilterConfig(min_clip_score=0.25)))
     assert all(r["clip_score"] is None or r["clip_score"] >= 0.25 for r in kept)
     assert all(r["clip_score"] < 0.25 for r in rejected)
     assert {(r["stage"], r["reason"]) for r in rejected} == {("clip", "low_clip_score")}
@@ -154,10 +122,11 @@ def test_absolute_threshold_pipeline():
 
 
 @pytest.mark.parametrize("fraction", [0.3])
-def test_top_fraction_across_worker_processes(fraction):
+def test_top_fraction_across_worker_processes(fraction, run_transform):
     rows = _score_rows(6000, seed=1)
-    kept, rejected, counters = _run(rows, ClipScoreFilter(ClipFilterConfig(clip_top_fraction=fraction)),
-                                    ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    kept, rejected, counters, _ = run_transform(rows, ClipScoreFilter(ClipFilterConfig(clip_top_fraction=fraction)),
+                                                options=["--direct_num_workers=2",
+                                                         "--direct_running_mode=multi_processing"])
     assert len(kept) + len(rejected) == 6000
     assert abs(len(kept) / 6000 - fraction) <= 0.02
     assert min(r["clip_score"] for r in kept) >= max(r["clip_score"] for r in rejected)
@@ -168,14 +137,14 @@ def test_top_fraction_across_worker_processes(fraction):
     assert len(ties) in (0, 50)
 
 
-def test_both_filters_and_empty_input():
+def test_both_filters_and_empty_input(run_transform):
     rows = _score_rows(1000, seed=2)
     cfg = ClipFilterConfig(min_clip_score=0.2, clip_top_fraction=0.5)
-    kept, rejected, _ = _run(rows, ClipScoreFilter(cfg))
+    kept, rejected, _, _ = run_transform(rows, ClipScoreFilter(cfg))
     reasons = {r["reason"] for r in rejected}
     assert reasons == {"low_clip_score", "below_top_fraction"}
     assert abs(len(kept) / 1000 - 0.5) <= 0.02  # the fraction is over all scored rows reaching the stage
-    kept, rejected, _ = _run([], ClipScoreFilter(ClipFilterConfig(clip_top_fraction=0.1)))
+    kept, rejected, _, _ = run_transform([], ClipScoreFilter(ClipFilterConfig(clip_top_fraction=0.1)))
     assert kept == [] and rejected == []
 
 
@@ -190,7 +159,7 @@ def _sweep(scores: np.ndarray, bad: np.ndarray) -> str:
 
 
 @pytest.mark.slow
-def test_synthetic_tiny_filters_mismatches_in_a_fresh_world():
+def test_synthetic_tiny_filters_mismatches_in_a_fresh_world(run_transform):
     """Embed + ClipScoreFilter at the recommended threshold on a world seed never used in training.
 
     Mismatched captions (random and one-attribute-changed together) are dropped with precision and recall
@@ -215,7 +184,7 @@ def test_synthetic_tiny_filters_mismatches_in_a_fresh_world():
             kept, rej_clip = kept | ClipScoreFilter(ClipFilterConfig(min_clip_score=threshold))
             return kept, (rej_embed, rej_clip) | beam.Flatten()
 
-    kept, rejected, _ = _run(rows, EmbedThenFilter())
+    kept, rejected, _, _ = run_transform(rows, EmbedThenFilter())
     assert len(kept) + len(rejected) == len(rows)
     assert {r["reason"] for r in rejected} <= {"low_clip_score"}
     bad_kinds = ("mismatch_random", "mismatch_hard")

@@ -11,12 +11,12 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image, ImageFile, ImageOps
+from skimage import data as skdata
 
 from clip_curate import records
 from clip_curate.stages.image import DecodeResize, ImageConfig, output_size, process_image
 from clip_curate.fields import ConfigError
 
-skdata = pytest.importorskip("skimage.data")
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the bombs are the point
 
 
@@ -163,7 +163,8 @@ def test_upscale_only_when_asked():
 
 def test_sizes_match_img2dataset_resizer():
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would look for updates online
-    resizer_mod = pytest.importorskip("img2dataset.resizer")
+    from img2dataset import resizer as resizer_mod
+
     rng = np.random.default_rng(0)
     for mode in ("keep_ratio", "center_crop", "border"):
         i2d = resizer_mod.Resizer(image_size=256, resize_mode=mode, resize_only_if_bigger=True)

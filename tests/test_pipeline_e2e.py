@@ -13,10 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from skimage import data as skdata
 
 from clip_curate.synthetic.webserver import Route, WebServer, fault_routes
 
-skdata = pytest.importorskip("skimage.data")
+pytestmark = pytest.mark.slow
 
 
 def _photos() -> dict[str, tuple[bytes, str]]:
@@ -79,7 +80,7 @@ FAULTS = {
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, local_net_flags):
     tmp = tmp_path_factory.mktemp("e2e")
     photos = _photos()
     routes = fault_routes(photos["astronaut.jpg"][0], big_bytes=3_000_000, drip_bytes_per_s=3000)
@@ -109,10 +110,9 @@ def world(tmp_path_factory):
         out = tmp / "out"
         res = subprocess.run(
             [sys.executable, "-m", "clip_curate.cli", "run", "--input", str(urls), "--output", str(out),
-             "--stages", "download,image", "--allow-private-addresses", "--no-respect-robots-txt",
+             "--stages", "download,image", *local_net_flags(host_failure_limit=0),
              "--timeout", "2", "--deadline", "4", "--retries", "3", "--retry-backoff", "0.05",
-             "--max-bytes", "2000000", "--per-host-connections", "16", "--per-host-rps", "0",
-             "--host-failure-limit", "0",
+             "--max-bytes", "2000000", "--per-host-connections", "16",
              "--image-size", "128", "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"],
             capture_output=True, text=True, timeout=600)
         served = srv.stats().requests_total

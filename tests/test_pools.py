@@ -23,7 +23,7 @@ from clip_curate.fields import ConfigError
 from clip_curate.readers.pools import detect_pool_format
 from clip_curate.readers import ReaderConfig, plan_input
 from clip_curate.readers.base import ReadRejection, read_split
-from clip_curate.synthetic.world import generate_world, serve_world
+from clip_curate.synthetic.world import generate_world
 from clip_curate.run import run
 
 T0, T = 0.5, 0.6          # loose first pass, then the threshold compared (synthetic-tiny recommends 0.77)
@@ -69,16 +69,15 @@ def _accounted(out):
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
+def pool(tmp_path_factory, served_world):
     """A synthetic world downloaded by img2dataset into both of its pool formats; server then stopped."""
     tmp = tmp_path_factory.mktemp("pools")
-    world = generate_world(96, seed=23, broken_404=0.06, broken_not_image=0.03, image_px=96)
-    with serve_world(world) as srv:
-        assert srv.base_url.startswith("http://127.0.0.1:")
-        table = world.to_url_table(srv.base_url).select(["url", "caption", "uid"])
-        pq.write_table(table, tmp / "urls.parquet")
+    with served_world(tmp, 96, 23, columns=["url", "caption", "uid"], broken_404=0.06, broken_not_image=0.03,
+                      image_px=96) as web:
+        assert web.server.base_url.startswith("http://127.0.0.1:")
+        world = web.world
         for fmt in ("webdataset", "parquet"):
-            _img2dataset(tmp / "urls.parquet", fmt, tmp / fmt)
+            _img2dataset(web.urls, fmt, tmp / fmt)
     meta = pa.concat_tables([pq.read_table(tmp / "webdataset" / f) for f in sorted(os.listdir(tmp / "webdataset"))
                              if f.endswith(".parquet")])
     return {"tmp": tmp, "world": world, "meta": meta.to_pylist()}
@@ -93,6 +92,7 @@ def first_pass(pool):
     return out, stats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
 def test_img2dataset_pool_every_row_accounted(pool, first_pass, fmt, caplog):
     """Both img2dataset layouts: every row it wrote comes out once, its failures as read/source_failed
@@ -132,6 +132,7 @@ def test_img2dataset_pool_every_row_accounted(pool, first_pass, fmt, caplog):
     assert 0 < stats["embedded_rows"] <= len(written) - len(failed)
 
 
+@pytest.mark.slow
 def test_hf_parquet_image_struct(tmp_path, caplog):
     """Hugging Face layout: data/*.parquet with image struct<bytes, path> and a text column, a dataset
     card beside; a row whose struct has no bytes is rejected read/missing_image."""
@@ -165,6 +166,7 @@ def test_hf_parquet_image_struct(tmp_path, caplog):
     assert stats["embedded_rows"] == len(items)
 
 
+@pytest.mark.slow
 def test_refilter_reuses_embeddings_and_matches_direct_run(pool, first_pass, caplog):
     """Re-filtering the T0 output at T keeps exactly the rows a direct run at T keeps, with no forward pass."""
     out_t0, _ = first_pass
@@ -190,6 +192,7 @@ def test_refilter_reuses_embeddings_and_matches_direct_run(pool, first_pass, cap
     assert stats["embedding"]["embed_model"] == cur[0]["embed_model"]
 
 
+@pytest.mark.slow
 def test_refilter_include_rejected_takes_back_clip_and_dedup_rows(pool, first_pass):
     out_t0, _ = first_pass
     _, cur0, rej0 = _accounted(out_t0)
@@ -207,6 +210,7 @@ def test_refilter_include_rejected_takes_back_clip_and_dedup_rows(pool, first_pa
     assert dups <= {r["uid"] for r in rej if r["stage"] == "dedup"}  # still duplicates
 
 
+@pytest.mark.slow
 def test_refilter_with_another_model_recomputes_and_says_why(pool, first_pass, caplog):
     out_t0, _ = first_pass
     _, cur0, rej0 = _accounted(out_t0)
@@ -223,6 +227,7 @@ def test_refilter_with_another_model_recomputes_and_says_why(pool, first_pass, c
                                       and "synthetic-tiny" in r["detail"] for r in rej)
 
 
+@pytest.mark.slow
 def test_refilter_with_other_preprocessing_recomputes(pool, first_pass, caplog):
     """Same model id but the input recorded another preprocessing: embeddings are made again."""
     out_t0, _ = first_pass
@@ -238,6 +243,7 @@ def test_refilter_with_other_preprocessing_recomputes(pool, first_pass, caplog):
     assert stats["embedded_rows"] == stats["input_rows"] == stats["curated_rows"] > 0
 
 
+@pytest.mark.slow
 def test_refilter_refuses_its_own_input_as_output_and_dedup_less_take_back(first_pass, tmp_path, capsys):
     out_t0, _ = first_pass
     assert cli_main(["run", "--input", str(out_t0), "--output", str(out_t0)]) == 2
@@ -273,6 +279,7 @@ def _truncate_inside(path, member_index):
     return name
 
 
+@pytest.mark.slow
 def test_damaged_img2dataset_shards_name_every_lost_row(pool, tmp_path):
     """With img2dataset's metadata parquet every lost sample is named: one read/corrupt_shard row each."""
     src = tmp_path / "wds"
@@ -302,6 +309,7 @@ def _write_tar(path, samples):
                 tf.addfile(info, io.BytesIO(data))
 
 
+@pytest.mark.slow
 def test_damaged_plain_webdataset_is_recorded_not_skipped(tmp_path, caplog):
     """Without metadata: a sample that lost a member is rejected by key; a stretch whose samples cannot be
     named is one read/corrupt_shard row naming the shard and bytes; a file that is no tar likewise."""

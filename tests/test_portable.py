@@ -15,22 +15,20 @@ import subprocess
 import sys
 import time
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_curate.synthetic import world as world_mod
-from clip_curate.synthetic.webserver import WebServer, fault_routes
+from clip_curate.synthetic.webserver import fault_routes
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULTS = ["/404", "/500", "/reset", "/truncated.jpg", "/random.jpg", "/html-as-image", "/loop-a", "/noai.jpg",
           "/500-then-ok.jpg", "/redirect-ok"]
 STAGE_FLAGS = ["--stages", "all", "--clip-model", "synthetic-tiny", "--min-clip-score", "0.6",
                "--dedup", "exact,near", "--nsfw-policy", "drop", "--no-nsfw-concept",
-               "--language-candidates", "en,de", "--allow-private-addresses", "--no-respect-robots-txt",
-               "--timeout", "2", "--deadline", "4", "--retries", "3", "--retry-backoff", "0.05",
-               "--per-host-rps", "0", "--host-failure-limit", "0", "--image-size", "128", "--batch-size", "16",
-               "--progress-seconds", "0"]
+               "--language-candidates", "en,de", "--timeout", "2", "--deadline", "4", "--retries", "3",
+               "--retry-backoff", "0.05", "--image-size", "128", "--batch-size", "16", "--progress-seconds", "0"]
 
 
 def free_port() -> int:
@@ -65,11 +63,16 @@ def service(args: list[str], port: int):
         proc.stdout.close()
 
 
-def curate(urls, out, runner_args: list[str]) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "clip_curate.cli", "run", "--input", str(urls), "--output", str(out),
-                          *STAGE_FLAGS, *runner_args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return res
+@pytest.fixture(scope="module")
+def curate(local_net_flags):
+    """``curate(urls, out, runner_args)``: ``clip-curate run`` with every stage, in a child process."""
+    def run(urls, out, runner_args: list[str]) -> subprocess.CompletedProcess:
+        res = subprocess.run([sys.executable, "-m", "clip_curate.cli", "run", "--input", str(urls), "--output",
+                              str(out), *STAGE_FLAGS, *local_net_flags(host_failure_limit=0), *runner_args],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-4000:]
+        return res
+    return run
 
 
 def outcome(out):
@@ -80,20 +83,14 @@ def outcome(out):
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory):
+def web(tmp_path_factory, served_world, curate):
     tmp = tmp_path_factory.mktemp("portable")
-    w = world_mod.generate_world(36, 11, broken_404=0.03)
-    routes = {**fault_routes(big_bytes=3_000_000), **world_mod.world_routes(w)}
-    with WebServer(routes) as srv:
-        table = w.to_url_table(srv.base_url, include_uid=False)
-        extra = [{"url": srv.url(f"{path}?i={i}"), "caption": f"a fault case {i}"} for i, path in enumerate(FAULTS)]
-        table = pa.concat_tables([table.select(["url", "caption"]), pa.Table.from_pylist(extra, table.select(
-            ["url", "caption"]).schema)])
-        urls = tmp / "urls.parquet"
-        pq.write_table(table, urls)
+    with served_world(tmp, 36, 11, routes=fault_routes(big_bytes=3_000_000), include_uid=False,
+                      columns=["url", "caption"], faults=FAULTS, fault_caption="a fault case {i}",
+                      broken_404=0.03) as served:
         direct = tmp / "direct"
-        curate(urls, direct, [])
-        yield tmp, urls, table.num_rows, outcome(direct)
+        curate(served.urls, direct, [])
+        yield tmp, served.urls, served.table.num_rows, outcome(direct)
 
 
 def check_same(got, want, n_rows):
@@ -113,7 +110,7 @@ def test_direct_run_exercises_every_stage(web):
     assert stats["stages"] == ["caption", "download", "image", "embed", "clip", "dedup", "safety"]
 
 
-def test_portable_loopback_matches_direct(web):
+def test_portable_loopback_matches_direct(web, curate):
     tmp, urls, n_rows, want = web
     port = free_port()
     with service(["apache_beam.runners.portability.local_job_service_main", "--port", str(port)], port):
@@ -122,7 +119,7 @@ def test_portable_loopback_matches_direct(web):
     check_same(outcome(tmp / "loopback"), want, n_rows)
 
 
-def test_portable_external_worker_pool_matches_direct(web):
+def test_portable_external_worker_pool_matches_direct(web, curate):
     """SDK workers in a separate worker-pool process: DoFns really cross a process boundary as pickles."""
     tmp, urls, n_rows, want = web
     job_port, pool_port = free_port(), free_port()

@@ -5,7 +5,6 @@ Two crashes: (1) midway through the downloads (nothing written yet: the resumed 
 (2) while the sinks write (complete temporary shards exist: the resumed run adopts them and only
 processes the rest). The run uses 2 DirectRunner worker processes, which must die with the parent.
 """
-import dataclasses
 import glob
 import json
 import os
@@ -18,44 +17,38 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_curate import records
-from clip_curate.synthetic import world as world_mod
 from clip_curate.resume import output_counts, temp_files
 from clip_curate.stats import merge_counts
-from clip_curate.synthetic.webserver import Route, WebServer, fault_routes
+from clip_curate.synthetic.webserver import fault_routes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_WORLD = 220
 FAULTS = ["/404", "/500", "/reset", "/truncated.jpg", "/random.jpg", "/html-as-image", "/noai.jpg",
           "/500-then-ok.jpg", "/redirect-ok", "/loop-a"]
-FLAGS = ["--stages", "caption,download,image", "--language-candidates", "en,de", "--allow-private-addresses",
-         "--no-respect-robots-txt", "--timeout", "3", "--deadline", "6", "--retries", "3", "--retry-backoff", "0.05",
-         "--per-host-rps", "0", "--host-failure-limit", "0", "--per-host-connections", "4", "--image-size", "64",
-         "--progress-seconds", "2", "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
-
-
-def _slow(route: Route, delay: float) -> Route:
-    return dataclasses.replace(route, delay_s=delay) if route.status in (0, 200) and route.body else route
+RUN_FLAGS = ["--stages", "caption,download,image", "--language-candidates", "en,de", "--timeout", "3",
+             "--deadline", "6", "--retries", "3", "--retry-backoff", "0.05", "--per-host-connections", "4",
+             "--image-size", "64", "--progress-seconds", "2", "--direct_num_workers", "2",
+             "--direct_running_mode", "multi_processing"]
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory):
+def web(tmp_path_factory, served_world):
     tmp = tmp_path_factory.mktemp("resume")
-    w = world_mod.generate_world(N_WORLD, 23, broken_404=0.03, broken_not_image=0.02)
-    routes = {**fault_routes(), **{p: _slow(r, 0.25) for p, r in world_mod.world_routes(w).items()}}
-    with WebServer(routes) as srv:
-        rows = [{"url": u, "caption": c} for u, c in zip(*w.to_url_table(srv.base_url).select(["url", "caption"])
-                                                          .to_pydict().values())]
-        rows += [{"url": srv.url(f"{p}?i={i}"), "caption": f"fault {i}"} for i, p in enumerate(FAULTS * 2)]
-        import pyarrow as pa
-        urls = tmp / "urls.parquet"
-        pq.write_table(pa.Table.from_pylist(rows), urls)
-        yield tmp, urls, {records.make_uid(r["url"], r["caption"]) for r in rows}, srv
+    with served_world(tmp, N_WORLD, 23, routes=fault_routes(), delay_s=0.25, columns=["url", "caption"],
+                      faults=FAULTS * 2, fault_caption="fault {i}", broken_404=0.03, broken_not_image=0.02) as served:
+        rows = served.table.to_pylist()
+        yield tmp, served.urls, {records.make_uid(r["url"], r["caption"]) for r in rows}, served.server
 
 
-def start(urls, out, *extra) -> subprocess.Popen:
-    log = open(str(out) + ".log", "a")
-    return subprocess.Popen([sys.executable, "-m", "clip_curate.cli", "run", "--input", str(urls), "--output",
-                             str(out), *FLAGS, *extra], cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+@pytest.fixture(scope="module")
+def start(local_net_flags):
+    """``start(urls, out, *extra) -> Popen``: ``clip-curate run`` in its own session, logging to ``<out>.log``."""
+    def run(urls, out, *extra) -> subprocess.Popen:
+        log = open(str(out) + ".log", "a")
+        return subprocess.Popen([sys.executable, "-m", "clip_curate.cli", "run", "--input", str(urls), "--output",
+                                 str(out), *RUN_FLAGS, *local_net_flags(host_failure_limit=0), *extra], cwd=ROOT,
+                                stdout=log, stderr=log, start_new_session=True)
+    return run
 
 
 def session_pids(sid: int) -> list[int]:
@@ -107,7 +100,8 @@ def check_complete(out, input_uids):
     return cur, rej, stats
 
 
-def test_sigkill_midway_then_resume(web):
+@pytest.mark.slow
+def test_sigkill_midway_then_resume(web, start):
     tmp, urls, input_uids, srv = web
     out = tmp / "midway"
     srv.reset_stats()
@@ -137,7 +131,8 @@ def _complete_temp_shard(out) -> bool:
     return False
 
 
-def test_sigkill_while_writing_adopts_finished_shards(web):
+@pytest.mark.slow
+def test_sigkill_while_writing_adopts_finished_shards(web, start):
     """Kill when a sink has finished a temporary shard but not yet renamed it; the resumed run adopts it."""
     tmp, urls, input_uids, _ = web
     out = tmp / "writing"

@@ -5,18 +5,24 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from clip_curate.synthetic.webserver import Route, WebServer, tiny_jpeg
 
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "clip_curate.cli", "run", *map(str, args), "--stages", "download,image",
-                           "--allow-private-addresses", "--no-respect-robots-txt", "--retries", "0",
-                           "--per-host-rps", "0", "--host-failure-limit", "0", "--progress-seconds", "0"],
-                          capture_output=True, text=True, timeout=300)
+pytestmark = pytest.mark.slow
 
 
-def test_retry_from_recovers_rows_whose_server_came_back_and_resume_skips_done_rows(tmp_path):
+@pytest.fixture
+def cli(local_net_flags):
+    """``cli(*args)``: ``clip-curate run *args`` (download and image stages, no retries) in a child process."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "clip_curate.cli", "run", *map(str, args), "--stages",
+                               "download,image", *local_net_flags(host_failure_limit=0), "--retries", "0",
+                               "--progress-seconds", "0"], capture_output=True, text=True, timeout=300)
+    return run
+
+
+def test_retry_from_recovers_rows_whose_server_came_back_and_resume_skips_done_rows(tmp_path, cli):
     img = tiny_jpeg()
     state = {"up": False}
 

@@ -1,38 +1,27 @@
 """Safety stage: caption word lists, CLIP concept score, opennsfw on real photos, drop/tag policy wiring."""
 from __future__ import annotations
 
-import glob
 import io
 import json
-import os
 
-import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
 from clip_curate import records
 from clip_curate.fields import ConfigError
+from clip_curate.models.clip import ModelConfig, load_clip
 from clip_curate.stages.safety import (SafetyCheck, SafetyConfig, WordList, caption_unsafe_term, concept_prompts,
                                 concept_scores, load_wordlist, parse_wordlist)
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat")
 
 
-def _jpeg(arr: np.ndarray, side: int = 256) -> bytes:
-    img = Image.fromarray(arr).convert("RGB")
-    img.thumbnail((side, side))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
-def photos() -> dict[str, bytes]:
+def photos(jpeg) -> dict[str, bytes]:
     from skimage import data
 
-    return {name: _jpeg(getattr(data, name)()) for name in PHOTOS}
+    return {name: jpeg(getattr(data, name)(), max_side=256) for name in PHOTOS}
 
 
 def _row(uid: str, caption: str = "a photo", image: bytes | None = None, emb=None) -> dict:
@@ -46,24 +35,15 @@ def _plain(row: dict) -> dict:
     return {k: row.get(k) for k in keep if k in row}
 
 
-def run_safety(tmp_path, rows, cfg, **kwargs):
-    """Run SafetyCheck on ``rows`` in a real DirectRunner pipeline; returns (kept, rejected) dicts by uid."""
-    out = str(tmp_path / f"out{len(os.listdir(tmp_path))}")
-    with beam.Pipeline(options=PipelineOptions(["--allow_unsafe_triggers"])) as p:
-        kept, rejected = p | beam.Create(rows) | SafetyCheck(cfg, **kwargs)
-        for name, pc in (("kept", kept), ("rejected", rejected)):
-            (pc | f"J{name}" >> beam.Map(lambda r: json.dumps(_plain(r)))
-             | f"W{name}" >> beam.io.WriteToText(os.path.join(out, name)))
-
-    def read(name):
-        rows = {}
-        for path in glob.glob(os.path.join(out, name + "*")):
-            for line in open(path, encoding="utf-8"):
-                r = json.loads(line)
-                rows[r["uid"]] = r
-        return rows
-
-    return read("kept"), read("rejected")
+@pytest.fixture(scope="session")
+def run_safety(run_transform):
+    def run(rows, cfg, **kwargs):
+        """Run SafetyCheck on ``rows`` in a real DirectRunner pipeline; returns (kept, rejected) dicts by uid
+        of the rows' safety fields, as JSON."""
+        ran = run_transform(rows, SafetyCheck(cfg, **kwargs), options=["--allow_unsafe_triggers"])
+        return tuple({r["uid"]: r for r in (json.loads(json.dumps(_plain(row))) for row in out)}
+                     for out in (ran.kept, ran.rejected))
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,9 +190,9 @@ def test_concept_scores_constructed():
 # ---------------------------------------------------------------------------------------------
 # Beam stage
 
-def test_opennsfw_real_photos_are_safe(tmp_path, photos):
+def test_opennsfw_real_photos_are_safe(photos, run_safety):
     rows = [_row(name, f"a photo: {name}", img) for name, img in photos.items()]
-    kept, rejected = run_safety(tmp_path, rows, SafetyConfig(nsfw_batch_size=4))
+    kept, rejected = run_safety(rows, SafetyConfig(nsfw_batch_size=4))
     assert rejected == {}
     assert set(kept) == set(PHOTOS)
     for name, r in kept.items():
@@ -222,13 +202,13 @@ def test_opennsfw_real_photos_are_safe(tmp_path, photos):
     assert kept["astronaut"]["nsfw_score"] == pytest.approx(0.032, abs=0.02)
 
 
-def test_threshold_wiring_drop_and_tag(tmp_path, photos):
+def test_threshold_wiring_drop_and_tag(photos, run_safety):
     names = ("astronaut", "coffee", "chelsea")
     rows = [_row(n, "a photo", photos[n]) for n in names]
     rows.append(_row("clean_caption_bad", "free porn here", photos["rocket"]))
     rows.append(_row("broken", "a photo", b"\xff\xd8\xff not really a jpeg"))
     # threshold 0.0 forces every decodable image over the threshold
-    kept, rejected = run_safety(tmp_path, rows, SafetyConfig(nsfw_threshold=0.0, nsfw_policy="drop"))
+    kept, rejected = run_safety(rows, SafetyConfig(nsfw_threshold=0.0, nsfw_policy="drop"))
     assert set(rejected) == {*names, "clean_caption_bad"} and set(kept) == {"broken"}
     for uid in names:
         r = rejected[uid]
@@ -240,23 +220,23 @@ def test_threshold_wiring_drop_and_tag(tmp_path, photos):
     assert both["reason"] == "nsfw_image" and "term='porn'" in both["detail"]
     assert kept["broken"]["nsfw_score"] is None               # undecodable: no score, no crash
 
-    kept, rejected = run_safety(tmp_path, rows, SafetyConfig(nsfw_threshold=0.0, nsfw_policy="tag"))
+    kept, rejected = run_safety(rows, SafetyConfig(nsfw_threshold=0.0, nsfw_policy="tag"))
     assert rejected == {} and len(kept) == len(rows)
     assert {kept[n]["safety_flags"] for n in names} == {"nsfw_image"}
     assert kept["clean_caption_bad"]["safety_flags"] == "nsfw_image,unsafe_caption"
     assert kept["clean_caption_bad"]["unsafe_caption"] is True
 
     # a threshold of 1.0 flags nothing; the caption list still does
-    kept, rejected = run_safety(tmp_path, rows, SafetyConfig(nsfw_threshold=1.0))
+    kept, rejected = run_safety(rows, SafetyConfig(nsfw_threshold=1.0))
     assert set(rejected) == {"clean_caption_bad"}
     assert rejected["clean_caption_bad"]["reason"] == "unsafe_caption"
     assert rejected["clean_caption_bad"]["detail"] == "term='porn'"
     # classifier and caption check off: nothing is flagged, nsfw_score stays null
-    kept, rejected = run_safety(tmp_path, rows, SafetyConfig(nsfw_classifier=False, caption_safety=False))
+    kept, rejected = run_safety(rows, SafetyConfig(nsfw_classifier=False, caption_safety=False))
     assert rejected == {} and all(r["nsfw_score"] is None for r in kept.values())
 
 
-def test_concept_check_wiring_with_given_prompt_embeddings(tmp_path):
+def test_concept_check_wiring_with_given_prompt_embeddings(run_safety):
     rng = np.random.default_rng(0)
     d = 16
     unsafe = np.eye(d, dtype=np.float32)[[0, 1]]
@@ -269,14 +249,14 @@ def test_concept_check_wiring_with_given_prompt_embeddings(tmp_path):
     rows = [_row("u0", emb=near(0)), _row("u1", emb=near(1)), _row("n0", emb=near(2)), _row("n1", emb=near(4)),
             _row("none", emb=None), _row("wrongdim", emb=np.ones(8, np.float32) / np.sqrt(8))]
     cfg = SafetyConfig(nsfw_classifier=False, nsfw_concept_threshold=0.5)
-    kept, rejected = run_safety(tmp_path, rows, cfg, prompt_embeddings={"unsafe": unsafe, "neutral": neutral})
+    kept, rejected = run_safety(rows, cfg, prompt_embeddings={"unsafe": unsafe, "neutral": neutral})
     assert set(rejected) == {"u0", "u1"}
     assert all(r["reason"] == "nsfw_concept" and r["detail"].startswith("nsfw_clip_score=") for r in rejected.values())
     assert rejected["u0"]["nsfw_clip_score"] > 0.99
     assert kept["n0"]["nsfw_clip_score"] < 0.01
     assert kept["none"]["nsfw_clip_score"] is None and kept["wrongdim"]["nsfw_clip_score"] is None
     # tag policy keeps them, flagged
-    kept, rejected = run_safety(tmp_path, rows, SafetyConfig(nsfw_classifier=False, nsfw_policy="tag"),
+    kept, rejected = run_safety(rows, SafetyConfig(nsfw_classifier=False, nsfw_policy="tag"),
                                 prompt_embeddings={"unsafe": unsafe, "neutral": neutral})
     assert rejected == {} and kept["u1"]["safety_flags"] == "nsfw_concept" and kept["n1"]["safety_flags"] == ""
 
@@ -287,10 +267,6 @@ def test_reasons_are_in_vocabulary():
 
 
 def _synthetic_model_config():
-    try:
-        from clip_curate.models.clip import ModelConfig
-    except ImportError:
-        return None
     from importlib import resources
 
     if not resources.files("clip_curate.data").joinpath("synthetic-tiny").is_dir():
@@ -298,12 +274,11 @@ def _synthetic_model_config():
     return ModelConfig(clip_model="synthetic-tiny")
 
 
-def test_concept_check_on_synthetic_world(tmp_path):
+def test_concept_check_on_synthetic_world(run_safety):
     """The world's unsafe motif (blood splatter) is found by the concept check with its own prompts."""
     model_config = _synthetic_model_config()
     if model_config is None:
-        pytest.skip("clip_curate.models.clip / bundled synthetic-tiny model not available in this checkout")
-    from clip_curate.models.clip import load_clip
+        pytest.skip("the bundled synthetic-tiny model is not in this checkout")
     from clip_curate.synthetic.world import NEUTRAL_CONCEPT_PROMPTS, UNSAFE_CONCEPT_PROMPTS, generate_world
     import torch
 
@@ -318,7 +293,7 @@ def test_concept_check_on_synthetic_world(tmp_path):
     rows = [_row(it.uid, it.caption, None, e) for it, e in zip(world.items, embs)]
     cfg = SafetyConfig(nsfw_classifier=False, caption_safety=False, unsafe_concepts=UNSAFE_CONCEPT_PROMPTS,
                        neutral_concepts=NEUTRAL_CONCEPT_PROMPTS)
-    kept, rejected = run_safety(tmp_path, rows, cfg, model_config=model_config)
+    kept, rejected = run_safety(rows, cfg, model_config=model_config)
     truth = {it.uid: bool(it.truth["unsafe"]) for it in world.items}
     flagged = set(rejected)
     unsafe = {u for u, t in truth.items() if t}

@@ -52,6 +52,7 @@ def test_uint8_cache_equals_open_clip_preprocess(micro_pairs):
     assert torch.allclose(cached, direct, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_is_reproducible_from_seed_and_learns(micro_pairs):
     torch.set_num_threads(1)
     a = _micro_model(micro_pairs, seed=5)
@@ -79,6 +80,7 @@ def test_train_rejects_bad_input(micro_pairs):
                      steps=1, hard_negatives=["x"])
 
 
+@pytest.mark.slow
 def test_saved_dir_loads_with_open_clip_local_dir(tmp_path, micro_pairs):
     model = _micro_model(micro_pairs)
     out = T.save_model_dir(model, tmp_path / "m", model_cfg=MICRO_CFG, dtype="float32", report={"x": 1})
@@ -112,6 +114,7 @@ def test_hard_caption_pools_change_exactly_one_attribute(micro_pairs):
     assert len({c for pool in pools for c in pool[1:]}) > 3 * len(pools)  # varied, not one caption repeated
 
 
+@pytest.mark.slow
 def test_several_hard_negatives_per_image(micro_pairs):
     rng = np.random.default_rng(0)
     assert sorted(T._draw_distinct(rng, 5, 5)) == [0, 1, 2, 3, 4]  # distinct while there are enough
@@ -134,6 +137,7 @@ def test_several_hard_negatives_per_image(micro_pairs):
     assert seen == [16 * 4, 16 * 4]  # 16 matched captions + 3 hard ones per image, each step
 
 
+@pytest.mark.slow
 def test_twin_batches_hold_each_scene_with_its_twin():
     pairs = W.scene_pairs(12, seed=4, twins=True, hard_weights={"shape": 1.0})
     n = len(pairs) // 2
@@ -169,6 +173,7 @@ def test_transplant_keeps_text_tower_under_a_new_image_tower():
     assert torch.equal(rn.encode_text(tokens), vit.encode_text(tokens))
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_writes_loadable_checkpoint(tmp_path, capsys):
     out = tmp_path / "tiny"
     rc = T.main(["--output", str(out), "--steps", "3", "--batch-size", "16", "--scenes", "64", "--workers", "1",
@@ -185,6 +190,7 @@ def test_cli_end_to_end_writes_loadable_checkpoint(tmp_path, capsys):
     assert tokenizer(["a red circle"]).shape == (1, 32)
 
 
+@pytest.mark.slow
 def test_cli_model_config_with_another_image_size(tmp_path, capsys):
     """--model-config with image_size 32: images are preprocessed at 32 px and the saved preprocess says so."""
     cfg = copy.deepcopy(MICRO_CFG)
