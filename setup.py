@@ -27,6 +27,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.7",
     "webdataset>=0.2.80",
     "tqdm>=4.60",
+    "pyahocorasick>=2.0",
 ]
 
 setup(

@@ -17,6 +17,7 @@ commands:
   export      write curated rows as WebDataset tar shards for open_clip training
   evaluate    proxy evaluation: train a tiny CLIP on raw vs curated pairs, compare zero-shot accuracy
   train-tiny  train the bundled synthetic-tiny CLIP model on the synthetic world
+  entries     build an entry list for --balance-entries (WordNet noun lemmas)
 
 Run 'clip-curate COMMAND --help' for the flags of a command.
 """
@@ -45,6 +46,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "export": _lazy("clip_curate.export", "main"),
     "evaluate": _lazy("clip_curate.synthetic.evaluate", "main"),
     "train-tiny": _lazy("clip_curate.synthetic.train", "main"),
+    "entries": _lazy("clip_curate.stages.balance", "main"),
 }
 
 

@@ -74,7 +74,7 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
     identity = embedding_identity(cfg.model) if cfg.model is not None else None
     cfg = reader_for(plan).prepare_run(cfg, plan, enabled, identity)
     ctx = StageContext(configs=cfg.stages, estimated_rows=plan.estimated_rows, prior_shards=prior_shards,
-                       embed_model=identity and identity["embed_model"], enabled=enabled)
+                       embed_model=identity and identity["embed_model"], enabled=enabled, output=out)
     addons = [(stage, addon) for stage in registered() if stage.name in enabled for addon in stage.addons]
     for name in enabled:
         if name in skipped:

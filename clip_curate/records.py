@@ -29,6 +29,7 @@ REASONS: dict[str, tuple[str, ...]] = {
     "clip": ("low_clip_score", "below_top_fraction"),
     "dedup": ("duplicate_exact", "duplicate_near", "duplicate_semantic", "eval_leak"),
     "safety": ("nsfw_image", "nsfw_concept", "unsafe_caption"),
+    "balance": ("no_entry", "over_represented"),
 }
 
 # Transient reasons: rows rejected for these are re-tried by ``--retry-from``.

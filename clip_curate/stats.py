@@ -183,6 +183,20 @@ def merge_counts(stats: dict[str, Any], previous: dict[str, Any]) -> dict[str, A
     return merged
 
 
+def collect_stage_stats(out_dir: str) -> dict[str, Any]:
+    """What stages wrote to ``OUT/_stage_stats/<stage>.json`` during the run (e.g. ``balance``), by stage
+    name; the files are removed once read."""
+    found: dict[str, Any] = {}
+    pattern = _join(out_dir, "_stage_stats", "*.json")
+    paths = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    for path in sorted(paths):
+        with FileSystems.open(path) as f:
+            found[path.rsplit("/", 1)[-1][: -len(".json")]] = json.loads(f.read().decode())
+    if paths:
+        FileSystems.delete(paths)
+    return found
+
+
 def finish_stats(out_dir: str, results: list, wall_seconds: float, config: Any, previous: dict[str, Any] | None,
                  passes: int = 1, retried: bool = False) -> dict[str, Any]:
     """After the last job: the whole output's counts (``previous``: counts of the output before this run,
@@ -190,6 +204,7 @@ def finish_stats(out_dir: str, results: list, wall_seconds: float, config: Any, 
     accounting (input == curated + rejected) and returns the final content."""
     counters = query_counters(results)
     stats = read_stats(out_dir)
+    stats.update(collect_stage_stats(out_dir))
     if previous is not None:
         stats = merge_counts(stats, previous)
     if retried:

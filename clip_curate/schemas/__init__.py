@@ -15,6 +15,7 @@ _TYPES = {
     "string": pa.string(), "binary": pa.binary(), "bool": pa.bool_(),
     "int32": pa.int32(), "int64": pa.int64(), "float32": pa.float32(), "float64": pa.float64(),
     "list<float32>": pa.list_(pa.float32()),
+    "list<string>": pa.list_(pa.string()),
 }
 
 

@@ -33,6 +33,7 @@ class StageContext:
     prior_shards: tuple[tuple[str, str], ...] = ()   # (sub, path) of an earlier output's shards (--resume, passes)
     embed_model: Optional[str] = None   # key of the model that makes this run's embeddings (None: no model)
     enabled: tuple[str, ...] = ()       # the stages that run, in order
+    output: Optional[str] = None        # the run's output directory (a stage may write OUT/_stage_stats/<name>.json)
 
 
 #: Capabilities a stage or a reader provides and a stage needs (see :attr:`Stage.provides`).
