@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import re
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -33,7 +32,7 @@ from apache_beam.utils import shared
 
 from clip_curate import records
 from clip_curate.fields import ConfigError, opt, read_user_text
-from clip_curate.stages.base import RowFilter, Stage, StageContext, Verdict, register
+from clip_curate.stages.base import CounterSumFn, RowFilter, Stage, StageContext, Verdict, register
 
 log = logging.getLogger(__name__)
 
@@ -164,26 +163,6 @@ class _Match(beam.DoFn):
         yield {**row, "balance_entries": self._matcher.match(row.get("caption"))}
 
 
-class CountEntries(beam.CombineFn):
-    """Rows' matched entries -> {entry: rows matching it}."""
-
-    def create_accumulator(self):
-        return Counter()
-
-    def add_input(self, acc, entries):
-        acc.update(entries)
-        return acc
-
-    def merge_accumulators(self, accs):
-        out = Counter()
-        for acc in accs:
-            out.update(acc)
-        return out
-
-    def extract_output(self, acc):
-        return dict(acc)
-
-
 class _Draw(RowFilter):
     stage = STAGE
 
@@ -224,14 +203,14 @@ class Balance(beam.PTransform):
         cfg = self._cfg
         matched = rows | "MatchEntries" >> beam.ParDo(_Match(cfg.balance_entries))
         counts = (matched | "Entries" >> beam.Map(lambda r: r["balance_entries"])
-                  | "CountEntries" >> beam.CombineGlobally(CountEntries()))
+                  | "CountEntries" >> beam.CombineGlobally(CounterSumFn()))
         probs = counts | "KeepProbabilities" >> beam.Map(keep_probabilities, cfg.balance_t)
         out = matched | "Draw" >> beam.ParDo(_Draw(cfg), beam.pvalue.AsSingleton(probs),
                                              beam.pvalue.AsSingleton(counts)).with_outputs(records.REJECTED_TAG,
                                                                                             main="kept")
         if self._stats_dir:
             after = (out.kept | "KeptEntries" >> beam.Map(lambda r: r["balance_entries"])
-                     | "CountKept" >> beam.CombineGlobally(CountEntries()))
+                     | "CountKept" >> beam.CombineGlobally(CounterSumFn()))
             (rows.pipeline | "Once" >> beam.Create([None])
              | "WriteBalanceStats" >> beam.Map(_write_summary, self._stats_dir, beam.pvalue.AsSingleton(counts),
                                                beam.pvalue.AsSingleton(after), cfg.balance_t))

@@ -15,6 +15,7 @@ A stage that judges one row at a time subclasses :class:`RowFilter` (the DoFn) a
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -216,3 +217,25 @@ class RowStage(beam.PTransform):
                                                                                    main="kept")
         return out.kept, out[records.REJECTED_TAG]
 
+
+
+class CounterSumFn(beam.CombineFn):
+    """Counts summed over a PCollection: each element is a Counter, a mapping of counts or an iterable of keys
+    (each counted once). The output is a plain dict; memory is bounded by the distinct keys, never by rows."""
+
+    def create_accumulator(self):
+        return Counter()
+
+    def add_input(self, acc, element):
+        acc.update(element)
+        return acc
+
+    def merge_accumulators(self, accs):
+        it = iter(accs)
+        out = next(it, Counter())
+        for a in it:
+            out.update(a)
+        return out
+
+    def extract_output(self, acc):
+        return dict(acc)
