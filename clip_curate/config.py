@@ -5,13 +5,15 @@
 flag names with dashes or underscores (``min-clip-score`` or ``min_clip_score``); a ``beam:`` mapping or
 list holds Beam pipeline options. Unknown keys and unknown flags are errors that name the key.
 
-Cross-stage checks live here too: :func:`plan_passes` (``--chunk-rows``) and :func:`check_environment`
-(files and models every enabled stage needs, before any work).
+Cross-stage checks live here too: :func:`plan_passes` (``--chunk-rows``), :func:`check_environment`
+(files and models every enabled stage needs, before any work) and :func:`resolve_judgments` (which of
+the model judgments run, from the model's card: clip_curate.models.cards).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -20,10 +22,15 @@ from clip_curate import stages as _stages  # noqa: F401 - registers the built-in
 from clip_curate.audit.assemble import AuditConfig
 from clip_curate.fields import (ConfigError, OneLineParser, add_config_arguments, config_from_namespace, load_yaml_config,
                                 opt, validate_beam_args)
-from clip_curate.models.clip import ModelConfig, has_clip_model
+from clip_curate.models.cards import Judgment, card_for
+from clip_curate.models.clip import ModelConfig, describe_model, has_clip_model, is_random_init, model_warning
 from clip_curate.readers.base import ReaderConfig
 from clip_curate.stages.base import registered, stage_names
+from clip_curate.stages.clip_score import card_judgment as clip_card_judgment
+from clip_curate.stages.safety import card_judgment as safety_card_judgment
 from clip_curate.writers import OutputConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,7 @@ class CurateConfig:
     run: RunConfig = RunConfig()
     stages: StageConfigs = dataclasses.field(default_factory=StageConfigs)
     audit: Optional[AuditConfig] = None
+    judgments: tuple[str, ...] = ()   # what the model's card switched on and off (resolve_judgments)
 
     def stage(self, name: str) -> Any:
         """The config of stage ``name``."""
@@ -114,6 +122,58 @@ def check_environment(cfg: CurateConfig) -> None:
             stage.check(cfg.stage(stage.name))
 
 
+#: stage -> its card judgment ``(config, card or None) -> (config, Judgment or None)``
+CARD_JUDGMENTS: dict[str, Any] = {
+    "clip": clip_card_judgment,
+    "dedup": lambda cfg, card: cfg.card_judgment(card),
+    "safety": safety_card_judgment,
+}
+
+
+def resolve_judgments(cfg: CurateConfig) -> CurateConfig:
+    """Decide, from the model's card, which model judgments run: the effective stage and audit configs,
+    and one line per judgment in ``judgments`` (written to stats.json). Logs the run's model warning
+    (synthetic-tiny, random weights) and a warning for each uncovered judgment the user turned on."""
+    model = cfg.model
+    card = card_for(model) if model is not None else None
+    lines: list[str] = []
+    warnings: list[str] = []
+    if model is not None:
+        warning = model_warning(model)
+        if warning:
+            warnings.append(warning)
+        if is_random_init(model):
+            lines.append(f"model: {describe_model(model)} (--clip-pretrained none, on purpose): its scores mean "
+                         "nothing")
+        else:
+            lines.append(f"model: {card.model} (card: {card.origin})")
+    else:
+        lines.append("model: none (--clip-model none, or no embed stage): no model judgments")
+
+    def take(judgment: Optional[Judgment]) -> None:
+        if judgment is not None:
+            lines.append(judgment.line)
+            if judgment.warning:
+                warnings.append(judgment.warning)
+
+    enabled = cfg.run.enabled()
+    updates = {}
+    for name, judge in CARD_JUDGMENTS.items():
+        stage_cfg, judgment = judge(cfg.stage(name), card)
+        updates[name] = stage_cfg
+        if name in enabled:
+            take(judgment)
+    audit = cfg.audit
+    if audit is not None:
+        audit, judgment = audit.card_judgment(card)
+        if cfg.run.audit:
+            take(judgment)
+    for w in warnings:
+        log.warning("%s", w)
+    return dataclasses.replace(cfg, stages=dataclasses.replace(cfg.stages, **updates), audit=audit,
+                               judgments=tuple(lines))
+
+
 def build_run_parser(prog: str = "clip-curate run") -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog=prog, allow_abbrev=False,
@@ -139,7 +199,8 @@ def parse_run_args(argv: Sequence[str]) -> tuple[CurateConfig, list[str]]:
     validate_beam_args(beam_args)
     built = {title: config_from_namespace(cls, values) for title, cls in classes}
     stage_cfgs = StageConfigs(**{s.name: built[s.name] for s in registered()})
-    return CurateConfig(built["input"], built["output"], built["run"], stage_cfgs, built["audit"]), list(beam_args)
+    cfg = CurateConfig(built["input"], built["output"], built["run"], stage_cfgs, built["audit"])
+    return resolve_judgments(cfg), list(beam_args)
 
 
 def print_error(prog: str, exc: BaseException) -> None:

@@ -105,6 +105,8 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
     stats_extra: dict[str, Any] = {"stages": list(enabled), "input_format": plan.fmt}
     if identity is not None:
         stats_extra["embedding"] = identity
+    if cfg.judgments:  # what the model's card switched on and off (config.resolve_judgments)
+        stats_extra["judgments"] = list(cfg.judgments)
     (input_rows, rows, all_rejected) | "Stats" >> WriteStats(out, stats_extra)
     if cfg.run.audit:
         (rows, all_rejected) | "Audit" >> BiasAudit(join(out, "audit"), cfg.audit, model_config=cfg.model)

@@ -18,6 +18,7 @@ stage have none).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ import numpy as np
 from clip_curate import records
 from clip_curate.fields import (ConfigError, OneLineParser, add_config_arguments, config_from_namespace, opt,
                                  read_user_text, validate_beam_args)
+from clip_curate.models.cards import Judgment, ModelCard, card_for
 from clip_curate.models.clip import EmbedPromptSets, ModelConfig, has_clip_model
 from clip_curate.stages.safety import WordList
 
@@ -41,8 +43,14 @@ POPULATIONS = ("input", "curated", "rejected")
 BASES = ("caption", "caption_or_clip")
 SIZE_EDGES = (0, 64, 128, 256, 384, 512, 768, 1024, 2048, 4096)          # shorter side, px; last bin open
 ASPECT_EDGES = (0.0, 0.5, 0.67, 0.8, 0.95, 1.05, 1.25, 1.5, 2.0, 3.0)      # width / height; last bin open
-CLIP_EDGES = tuple(round(-0.2 + 0.025 * i, 3) for i in range(29))          # -0.2 .. 0.5; outer bins open
+#: clip_score is counted in fine bins of CLIP_FINE_STEP over [-1, 1]; the audit's histogram bins are then
+#: drawn from the data's range (:func:`clip_bins`), at most CLIP_MAX_BINS of a round width.
+CLIP_FINE_STEP = 0.005
+CLIP_FINE_BINS = 400
+CLIP_STEPS = (0.005, 0.01, 0.02, 0.025, 0.05, 0.1, 0.2, 0.25)
+CLIP_MAX_BINS = 24
 UNKNOWN = "(unknown)"
+DEFAULT_ZERO_SHOT_MIN_PROB = 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,8 +65,11 @@ class AuditConfig:
     ratio_low: float = opt(0.8, "flag a group whose representation ratio is below this")
     ratio_high: float = opt(1.25, "flag a group whose representation ratio is above this")
     min_group_rows: int = opt(10, "only flag groups with at least this many input rows on the ratio's basis")
-    audit_clip: bool = opt(True, "also assign groups by CLIP zero-shot on stored image embeddings")
-    zero_shot_min_prob: float = opt(0.5, "CLIP zero-shot: the winning group needs a probability above this")
+    audit_clip: bool | None = opt(None, "also assign groups by CLIP zero-shot on stored image embeddings; unset = "
+                                        "only when the model's card is calibrated for it, --audit-clip forces "
+                                        "it on (with a warning)")
+    zero_shot_min_prob: float | None = opt(None, "CLIP zero-shot: the winning group needs a probability above "
+                                                 "this; unset = the model card's threshold, else 0.5")
     zero_shot_temperature: float = opt(100.0, "CLIP zero-shot softmax temperature (CLIP's logit scale)")
     top_domains: int = opt(25, "domains listed per population")
 
@@ -68,12 +79,42 @@ class AuditConfig:
                               f"{self.ratio_low}, {self.ratio_high}")
         if self.min_group_rows < 1:
             raise ConfigError(f"--min-group-rows must be >= 1, got {self.min_group_rows}")
-        if not 0.0 <= self.zero_shot_min_prob <= 1.0:
+        if not 0.0 <= self.zero_shot_prob <= 1.0:
             raise ConfigError(f"--zero-shot-min-prob must be between 0 and 1, got {self.zero_shot_min_prob}")
         if self.zero_shot_temperature <= 0:
             raise ConfigError(f"--zero-shot-temperature must be > 0, got {self.zero_shot_temperature}")
         if self.top_domains < 1:
             raise ConfigError(f"--top-domains must be >= 1, got {self.top_domains}")
+
+    @property
+    def zero_shot_prob(self) -> float:
+        """``--zero-shot-min-prob`` in effect (0.5 when neither the flag nor a model card set it)."""
+        return DEFAULT_ZERO_SHOT_MIN_PROB if self.zero_shot_min_prob is None else self.zero_shot_min_prob
+
+    def card_judgment(self, card: ModelCard | None) -> tuple["AuditConfig", Judgment]:
+        """Zero-shot attribute membership under the model's ``card`` (None: no CLIP model): unset
+        ``--audit-clip`` follows the card; ``--audit-clip`` runs it anyway, with a warning; the card's
+        probability threshold applies unless ``--zero-shot-min-prob`` is given."""
+        prob = self.zero_shot_min_prob
+        if prob is None:
+            prob = (card.threshold("audit_zero_shot") if card is not None else None) or DEFAULT_ZERO_SHOT_MIN_PROB
+        warning = None
+        if card is None:
+            on, why = False, "no CLIP model"
+            if self.audit_clip:
+                warning = "--audit-clip: the run has no CLIP model, so audit groups come from caption terms only"
+        elif self.audit_clip is False:
+            on, why = False, "--no-audit-clip"
+        elif card.covers("audit_zero_shot"):
+            on, why = True, f"{card.model}'s card"
+        elif self.audit_clip:
+            on, why = True, f"as asked by --audit-clip, but {card.not_calibrated('them')}"
+            warning = (f"audit zero-shot attributes: on as asked by --audit-clip, but {card.not_calibrated('them')}: "
+                       "group membership by CLIP may be wrong")
+        else:
+            on, why = False, card.not_calibrated("them")
+        line = f"audit zero-shot attributes: {'on' if on else 'off'} ({why}); caption terms: on"
+        return dataclasses.replace(self, audit_clip=on, zero_shot_min_prob=prob), Judgment(line, warning)
 
 
 @dataclass(frozen=True)
@@ -185,6 +226,31 @@ def bin_index(value: float, edges: Sequence[float]) -> int:
     return min(max(i, 0), len(edges) - 1)
 
 
+def clip_fine_bin(score: float) -> int:
+    """Fine bin of a clip_score: ``floor((score + 1) / CLIP_FINE_STEP)`` within [0, CLIP_FINE_BINS - 1]."""
+    return min(max(int(math.floor((score + 1.0) / CLIP_FINE_STEP + 1e-9)), 0), CLIP_FINE_BINS - 1)
+
+
+def clip_bins(fine_bins: Sequence[int]) -> tuple[list[float], float, Any]:
+    """Histogram bins that span the data: ``(lower edges, width, fine bin -> bin index)``.
+
+    The width is the smallest of CLIP_STEPS giving at most CLIP_MAX_BINS bins over the occupied fine
+    bins; edges are multiples of the width, so each bin is a union of whole fine bins. Without any
+    score: 0 .. 1 in steps of 0.05."""
+    if not fine_bins:
+        lo, hi = clip_fine_bin(0.0), clip_fine_bin(0.999)
+    else:
+        lo, hi = min(fine_bins), max(fine_bins)
+    for step in CLIP_STEPS:
+        k = int(round(step / CLIP_FINE_STEP))
+        start = (lo // k) * k
+        n = (hi - start) // k + 1
+        if n <= CLIP_MAX_BINS or step == CLIP_STEPS[-1]:
+            break
+    edges = [round(-1.0 + (start + i * k) * CLIP_FINE_STEP, 4) for i in range(n)]
+    return edges, step, lambda j: min(max((j - start) // k, 0), n - 1)
+
+
 def image_dims(row: dict) -> tuple[int | None, int | None]:
     w = row.get("original_width") or row.get("width")
     h = row.get("original_height") or row.get("height")
@@ -251,7 +317,7 @@ class _Matcher:
             hits = {g.name: "caption" for g, wl in zip(a.groups, self.words[a.name]) if wl.find(caption)}
             if emb is not None and a.name in self.clip:
                 gembs, bg = self.clip[a.name]
-                gi = zero_shot_group(emb, gembs, bg, self.cfg.zero_shot_temperature, self.cfg.zero_shot_min_prob)
+                gi = zero_shot_group(emb, gembs, bg, self.cfg.zero_shot_temperature, self.cfg.zero_shot_prob)
                 if gi is not None:
                     name = a.groups[gi].name
                     hits[name] = "both" if name in hits else "clip"
@@ -291,7 +357,7 @@ def row_keys(pop: str, row: dict, groups: dict[str, dict[str, str]], has_emb: bo
             c[("size", p, bin_index(min(w, h), SIZE_EDGES))] += 1
             c[("aspect", p, bin_index(w / h, ASPECT_EDGES))] += 1
         if score is not None:
-            c[("clip", p, bin_index(score, CLIP_EDGES))] += 1
+            c[("clip", p, clip_fine_bin(score))] += 1
         for attr, hits in groups.items():
             cap_hits = [g for g, via in hits.items() if via != "clip"]
             for g in cap_hits:
@@ -306,7 +372,7 @@ def row_keys(pop: str, row: dict, groups: dict[str, dict[str, str]], has_emb: bo
             for g in hits:
                 c[("member", p, attr, g)] += 1
                 if score is not None:
-                    c[("gclip", p, attr, g, bin_index(score, CLIP_EDGES))] += 1
+                    c[("gclip", p, attr, g, clip_fine_bin(score))] += 1
                     c[("gclip_sum", p, attr, g)] += score
                     c[("gclip_n", p, attr, g)] += 1
         for a, b in cooccur:
@@ -396,6 +462,9 @@ class BiasAudit(beam.PTransform):
         super().__init__()
         self._out = output_dir
         self._cfg = config or AuditConfig()
+        if self._cfg.audit_clip is None and not prompt_embeddings:  # built without a run: ask the card
+            card = card_for(model_config) if has_clip_model(model_config) else None
+            self._cfg = self._cfg.card_judgment(card)[0]
         self._spec = spec or load_attributes(self._cfg.attributes)
         self._model_config = model_config
         self._prompt_embs = ({k: np.asarray(v, dtype=np.float32) for k, v in prompt_embeddings.items()}
@@ -408,7 +477,7 @@ class BiasAudit(beam.PTransform):
                 raise ValueError(f"prompt_embeddings lacks {len(missing)} prompt(s), e.g. {missing[0]!r}")
 
     def _clip_mode(self) -> str:
-        if not self._cfg.audit_clip or not self._spec.prompts():
+        if self._cfg.audit_clip is False or not self._spec.prompts():
             return "off"
         if self._prompt_embs is not None:
             return "given"
@@ -471,11 +540,22 @@ def _hist(counts: dict, key_prefix: tuple, nbins: int) -> list[int]:
     return [int(counts.get(key_prefix + (i,), 0)) for i in range(nbins)]
 
 
+def _rebin(counts: dict, key_prefix: tuple, nbins: int, index) -> list[int]:
+    """Fine-bin counts under ``key_prefix`` summed into ``nbins`` bins (``index``: fine bin -> bin)."""
+    out = [0] * nbins
+    n = len(key_prefix)
+    for key, v in counts.items():
+        if len(key) == n + 1 and key[:n] == key_prefix:
+            out[index(key[n])] += int(v)
+    return out
+
+
 def build_audit(counts: dict, top_domains: dict, distinct_domains: dict, cfg: AuditConfig,
                 spec: AttributeSpec, meta: dict | None = None) -> dict:
     """audit.json content from the combined counters (see schemas/audit.json)."""
     meta = meta or {}
     c = lambda *k: counts.get(tuple(k), 0)  # noqa: E731
+    clip_edges, clip_step, clip_index = clip_bins([k[2] for k in counts if k[0] == "clip" and k[1] == "input"])
     totals = {p: int(c("rows", "caption", p)) for p in POPULATIONS}
     totals_emb = {p: int(c("rows", "caption_or_clip", p)) for p in POPULATIONS}
     bases = ["caption"] + (["caption_or_clip"] if meta.get("clip_mode", "off") != "off" else [])
@@ -496,7 +576,7 @@ def build_audit(counts: dict, top_domains: dict, distinct_domains: dict, cfg: Au
                         "top": [{"domain": d, "rows": int(n)} for n, d in top_domains.get(p, [])]},
             "size_hist": _hist(counts, ("size", p), len(SIZE_EDGES)),
             "aspect_hist": _hist(counts, ("aspect", p), len(ASPECT_EDGES)),
-            "clip_score_hist": _hist(counts, ("clip", p), len(CLIP_EDGES)),
+            "clip_score_hist": _rebin(counts, ("clip", p), len(clip_edges), clip_index),
         }
     attributes, flagged = {}, []
     for a in spec.attributes:
@@ -527,7 +607,8 @@ def build_audit(counts: dict, top_domains: dict, distinct_domains: dict, cfg: Au
             for p in POPULATIONS:
                 n = c("gclip_n", p, a.name, g.name)
                 entry["clip_score"][p] = {"rows": int(n), "mean": (c("gclip_sum", p, a.name, g.name) / n) if n else None,
-                                          "hist": _hist(counts, ("gclip", p, a.name, g.name), len(CLIP_EDGES))}
+                                          "hist": _rebin(counts, ("gclip", p, a.name, g.name), len(clip_edges),
+                                                         clip_index)}
             rr = {k[3]: int(v) for k, v in counts.items() if k[0] == "greason" and k[1] == a.name and k[2] == g.name}
             entry["rejection_reasons"] = dict(sorted(rr.items(), key=lambda kv: (-kv[1], kv[0])))
             groups[g.name] = entry
@@ -555,7 +636,8 @@ def build_audit(counts: dict, top_domains: dict, distinct_domains: dict, cfg: Au
         "sources": meta.get("sources", {}),
         "config": {**asdict(cfg), "attributes_source": spec.source, "clip_mode": meta.get("clip_mode", "off"),
                    "clip_model": meta.get("clip_model"), "bases": bases},
-        "bins": {"size": list(SIZE_EDGES), "aspect": list(ASPECT_EDGES), "clip_score": list(CLIP_EDGES)},
+        "bins": {"size": list(SIZE_EDGES), "aspect": list(ASPECT_EDGES), "clip_score": clip_edges,
+                 "clip_score_step": clip_step},
         "totals": totals,
         "populations": populations,
         "rejected_by": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
@@ -661,7 +743,13 @@ def run_audit(input_dir: str, output_dir: str | None = None, attributes_path: st
         raise ConfigError(f"--input {input_dir}: no curated/*.parquet or rejected/*.parquet found; "
                           "pass the --output directory of a clip-curate run")
     output_dir = output_dir or _join(input_dir, "audit")
-    model_config = _model_config_from_stats(input_dir, clip_model) if cfg.audit_clip else None
+    model_config = _model_config_from_stats(input_dir, clip_model) if cfg.audit_clip is not False else None
+    cfg, judgment = cfg.card_judgment(card_for(model_config) if model_config is not None else None)
+    log.info("%s", judgment.line)
+    if judgment.warning:
+        log.warning("%s", judgment.warning)
+    if not cfg.audit_clip:
+        model_config = None
     options = PipelineOptions(list(beam_args))
     options.view_as(TypeOptions).allow_unsafe_triggers = True  # DirectRunner: FnApiRunner, not Prism
     with beam.Pipeline(options=options) as p:

@@ -6,28 +6,33 @@
   ``clip_curate/data/synthetic-tiny/``), trained by ``clip-curate train-tiny`` on the synthetic world;
 * an open_clip architecture name (``ViT-B-32``) with ``--clip-pretrained TAG``
   (``laion2b_s34b_b79k``, ``openai`` ...), downloaded by open_clip from the Hugging Face hub or the
-  tag's URL when online and cached (``~/.cache/huggingface`` / ``~/.cache/clip``); without a tag the
-  architecture is randomly initialised (seeded, for benchmarks);
+  tag's URL when online and cached (``~/.cache/huggingface`` / ``~/.cache/clip``). Unset, the model is
+  ``ViT-B-32`` + ``laion2b_s34b_b79k``. An architecture without a tag is refused (with its tags);
+  ``--clip-pretrained none`` asks for seeded random weights on purpose (benchmarks);
 * ``hf-hub:org/repo`` — an open_clip model repo on the hub (``open_clip_config.json`` + weights);
-* a local path: a directory in open_clip ``local-dir:`` layout (``open_clip_config.json`` + weights),
+* a local path (``local-dir:DIR`` as open_clip writes it, or a plain path): a directory in open_clip ``local-dir:`` layout (``open_clip_config.json`` + weights),
   a weights file with an ``open_clip_config.json`` beside it, or ``--clip-model ARCH
   --clip-pretrained FILE``. Weights are ``.safetensors`` or torch files read with
   ``weights_only=True``: pickled objects are refused, never executed;
 * ``test-tiny-random`` — a seeded random-init tiny config, for tests only.
 
-:func:`validate_model_config` runs the cheap checks (names, files, tags, hub reachability) when the
-pipeline is built, before any download work; :func:`load_clip` builds the model on a worker.
+:func:`validate_model_config` runs in the launcher before any download work: names, files, tags, hub
+reachability (bounded: a 3 s probe) and, for weights on disk, one safe load of them, so a bad checkpoint
+is a one-line error; :func:`load_clip` builds the model on a worker. Which judgments a model's scores
+are trusted for is its card's business (:mod:`clip_curate.models.cards`).
 """
 from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import hashlib
 import json
 import logging
 import os
 import pickle
 import socket
+import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +51,9 @@ HF_HUB_PREFIX = "hf-hub:"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 RANDOM_INIT_SEED = 0
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+RANDOM_PRETRAINED = "none"  # --clip-pretrained none: random weights on purpose
 
 #: Random-init tiny config for tests (``--clip-model test-tiny-random``): ~1.8 M parameters, 32 px.
 TEST_TINY_MODEL_CFG: dict[str, Any] = {
@@ -58,11 +66,12 @@ TEST_TINY_PREPROCESS_CFG: dict[str, Any] = {
     "std": (0.26862954, 0.26130258, 0.27577711), "interpolation": "bicubic", "resize_mode": "shortest",
 }
 
-#: ``--min-clip-score`` recommended per model (cosine). synthetic-tiny: measured on fresh worlds
-#: (see docs/model-card-synthetic-tiny.md); ViT-B-32: the LAION-400M threshold (OpenAI ViT-B/32 weights).
+#: ``--min-clip-score`` recommended per model (cosine), as the models' cards say (clip_curate.models.cards):
+#: synthetic-tiny measured on fresh worlds (docs/model-card-synthetic-tiny.md); ViT-B-32 with the OpenAI
+#: weights: LAION-5B's English threshold.
 RECOMMENDED_THRESHOLDS: dict[str, float] = {
     SYNTHETIC_TINY: 0.77,
-    "ViT-B-32": 0.28,
+    "ViT-B-32 openai": 0.28,
 }
 
 
@@ -70,11 +79,14 @@ RECOMMENDED_THRESHOLDS: dict[str, float] = {
 class ModelConfig:
     """The CLIP model of the embedding stage (``--clip-model none`` skips the stage)."""
 
-    clip_model: str = opt(SYNTHETIC_TINY, "CLIP model: synthetic-tiny (bundled), an open_clip architecture "
-                                          "name (with --clip-pretrained), hf-hub:org/repo, a local checkpoint "
-                                          "directory or file, or none to skip embedding")
+    clip_model: str | None = opt(None, "CLIP model: an open_clip architecture name (with --clip-pretrained), "
+                                       "hf-hub:org/repo, local-dir:DIR or a checkpoint path, synthetic-tiny "
+                                       "(the bundled model of the synthetic demo world only), or none to run "
+                                       "without the model stages; unset = ViT-B-32 with --clip-pretrained "
+                                       "laion2b_s34b_b79k (open_clip's hub download and cache)")
     clip_pretrained: str | None = opt(None, "open_clip pretrained tag for an architecture name "
-                                            "(e.g. laion2b_s34b_b79k, openai) or a local weights file")
+                                            "(e.g. laion2b_s34b_b79k, openai), a local weights file, or none "
+                                            "for random weights on purpose (benchmarks)")
     device: str = opt("auto", "where the model runs: auto (cuda when visible), cpu, cuda",
                       choices=("auto", "cpu", "cuda"))
     precision: str = opt("fp32", "inference precision: fp32, bf16 or fp16 (autocast; fp16 on CPU runs fp32)",
@@ -88,9 +100,13 @@ class ModelConfig:
                                        "model (embed_model) instead of recomputing them")
 
     def __post_init__(self):
+        if self.clip_model is None:  # the default: the field's standard model
+            object.__setattr__(self, "clip_model", DEFAULT_MODEL)
+            if self.clip_pretrained is None:
+                object.__setattr__(self, "clip_pretrained", DEFAULT_PRETRAINED)
         if not str(self.clip_model or "").strip():
-            raise ConfigError("--clip-model: empty; pass synthetic-tiny, an open_clip name, hf-hub:org/repo, "
-                              "a checkpoint path, or none")
+            raise ConfigError("--clip-model: empty; pass an open_clip name with --clip-pretrained, "
+                              "hf-hub:org/repo, local-dir:DIR, synthetic-tiny, or none")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size: must be >= 1, got {self.batch_size}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -121,10 +137,10 @@ class LoadedClip:
 
 @dataclass(frozen=True)
 class _Spec:
-    kind: str                 # synthetic | test | arch | hf | dir | file
+    kind: str                 # synthetic | test | arch | hf | dir
     name: str                 # arch name / hub id / path
-    pretrained: str | None = None   # tag or weights file (arch)
-    weights: str | None = None      # weights file (dir / file)
+    pretrained: str | None = None   # tag (arch); None with weights (a file) or random weights
+    weights: str | None = None      # weights file (dir, or arch + file)
 
 
 def synthetic_tiny_dir() -> Path:
@@ -160,6 +176,10 @@ def _resolve(cfg: ModelConfig) -> _Spec:
     """Classify ``--clip-model``/``--clip-pretrained``; raises ConfigError for unknown names/files."""
     name = cfg.clip_model.strip()
     pretrained = (cfg.clip_pretrained or "").strip() or None
+    if pretrained and pretrained.lower() == RANDOM_PRETRAINED and not (
+            name.replace("/", "-") in _open_clip_models() and not _looks_like_existing_path(name)):
+        raise ConfigError(f"--clip-pretrained none: random weights exist only for an open_clip architecture "
+                          f"name, not for --clip-model {name}; drop --clip-pretrained")
     if name == SYNTHETIC_TINY or name == TEST_TINY_RANDOM:
         if pretrained:
             raise ConfigError(f"--clip-pretrained: not used with --clip-model {name}; drop it")
@@ -181,11 +201,15 @@ def _resolve(cfg: ModelConfig) -> _Spec:
     models = _open_clip_models()
     arch = name.replace("/", "-")
     if arch in models and not _looks_like_existing_path(name):
-        if pretrained is None:
-            return _Spec("arch", arch)
         import open_clip
 
         tags = open_clip.list_pretrained_tags_by_model(arch)
+        if pretrained is None:
+            raise ConfigError(f"--clip-model {arch}: no --clip-pretrained tag, which would mean random weights; "
+                              f"pass one of {', '.join(tags) or '(none known)'}, a weights file, or none "
+                              "for random weights on purpose")
+        if pretrained.lower() == RANDOM_PRETRAINED:
+            return _Spec("arch", arch)
         if pretrained in tags:
             return _Spec("arch", arch, pretrained=pretrained)
         if _looks_like_path(pretrained) or os.path.exists(pretrained):
@@ -221,9 +245,51 @@ def _resolve(cfg: ModelConfig) -> _Spec:
         raise ConfigError(f"--clip-model: checkpoint not found: {name}")
     close = difflib.get_close_matches(name, [SYNTHETIC_TINY] + models, n=4, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ConfigError(f"--clip-model: unknown model {name!r}; {hint}use synthetic-tiny, an open_clip architecture "
-                      "(python -c 'import open_clip; print(open_clip.list_models())'), hf-hub:org/repo, "
-                      "or a checkpoint path")
+    raise ConfigError(f"--clip-model: unknown model {name!r}; {hint}use an open_clip architecture "
+                      "(python -c 'import open_clip; print(open_clip.list_models())') with --clip-pretrained, "
+                      "hf-hub:org/repo, local-dir:DIR, synthetic-tiny, or none")
+
+
+def resolve_model(cfg: ModelConfig) -> _Spec:
+    """What ``--clip-model``/``--clip-pretrained`` name: ``kind`` (synthetic, test, arch, hf, dir), the
+    architecture / hub id / directory, the pretrained tag and the weights file. ConfigError for unknown
+    names, missing files and an architecture without a tag."""
+    return _resolve(cfg)
+
+
+def describe_model(cfg: ModelConfig) -> str:
+    """How lines and warnings name the model: ``synthetic-tiny``, ``ViT-B-32 laion2b_s34b_b79k``,
+    ``ViT-B-32 with random weights``, ``hf-hub:org/repo``, ``local-dir:/path``."""
+    spec = _resolve(cfg)
+    if spec.kind == "synthetic":
+        return SYNTHETIC_TINY
+    if spec.kind == "test":
+        return f"{TEST_TINY_RANDOM} (random weights)"
+    if spec.kind == "hf":
+        return HF_HUB_PREFIX + spec.name
+    if spec.kind == "dir":
+        return f"local-dir:{spec.name}"
+    if spec.weights:
+        return f"{spec.name} {spec.weights}"
+    return f"{spec.name} {spec.pretrained}" if spec.pretrained else f"{spec.name} with random weights"
+
+
+def is_random_init(cfg: ModelConfig) -> bool:
+    """Whether the model runs with random weights (``--clip-pretrained none``, ``test-tiny-random``)."""
+    spec = _resolve(cfg)
+    return spec.kind == "test" or (spec.kind == "arch" and not spec.pretrained and not spec.weights)
+
+
+def model_warning(cfg: ModelConfig) -> str | None:
+    """The one warning a run logs about its model, if any (synthetic-tiny on real data, random weights)."""
+    spec = _resolve(cfg)
+    if spec.kind == "synthetic":
+        return ("--clip-model synthetic-tiny knows only the synthetic world's coloured shapes: its scores mean "
+                "nothing on photos (for real data use the default ViT-B-32 laion2b_s34b_b79k, or local-dir:DIR)")
+    if is_random_init(cfg):
+        return (f"--clip-model {describe_model(cfg)}: every CLIP score, concept and zero-shot judgment of this run "
+                "is meaningless (random initialisation, for benchmarks)")
+    return None
 
 
 def _looks_like_existing_path(name: str) -> bool:
@@ -327,16 +393,30 @@ def _hub_endpoint() -> str:
 
 
 def _hub_offline_reason(timeout_s: float = 3.0) -> str | None:
-    """Why the hub can't be reached (HF_HUB_OFFLINE set, or a failed TCP connect), else None."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return "HF_HUB_OFFLINE is set"
+    """Why the hub can't be reached (HF_HUB_OFFLINE set, or a failed probe), else None.
+
+    The probe (name lookup + TCP connect) runs in a daemon thread and is given ``timeout_s`` in all: a
+    system resolver that hangs (no network, no DNS) costs the launcher at most that long."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
     url = urllib.parse.urlsplit(_hub_endpoint())
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return None
-    except OSError as exc:
-        return f"cannot connect to {url.scheme}://{host}:{port} ({exc.__class__.__name__}: {exc})"
+    result: list[str | None] = []
+
+    def probe():
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                result.append(None)
+        except OSError as exc:
+            result.append(f"cannot connect to {url.scheme}://{host}:{port} ({exc.__class__.__name__}: {exc})")
+
+    t = threading.Thread(target=probe, name="clip-curate-hub-probe", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if not result:
+        return f"no answer from {url.scheme}://{host}:{port} within {timeout_s:g} s"
+    return result[0]
 
 
 def _hf_cached(repo_id: str, filenames: Sequence[str]) -> bool:
@@ -371,9 +451,19 @@ def _weights_cached(spec: _Spec) -> bool:
     return bool(url) and os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
 
 
-def validate_model_config(cfg: ModelConfig, *, check_network: bool = True) -> None:
-    """Cheap checks before any work: name/tag/file, hub reachability for weights not yet cached,
-    the device. Raises ConfigError with the flag and the fix; logs precision notes."""
+def offline_error(cfg: ModelConfig, reason: str) -> str:
+    """The one line for hub weights that are not cached and can't be fetched: it names the ways on."""
+    what = cfg.clip_model + (f" --clip-pretrained {cfg.clip_pretrained}" if cfg.clip_pretrained else "")
+    return (f"--clip-model {what}: the weights are not cached and can't be fetched ({reason}); use "
+            "--clip-model local-dir:DIR (open_clip weights on disk), --clip-model none (run without the model "
+            "stages) or --clip-model synthetic-tiny (the synthetic demo world only), or fetch them once where "
+            "the hub is reachable")
+
+
+def validate_model_config(cfg: ModelConfig, *, check_network: bool = True, load_local: bool = True) -> None:
+    """Checks before any work: name/tag/file, hub reachability for weights not yet cached (bounded), the
+    device, and (``load_local``) one safe load of weights on disk, so a refused or mismatched checkpoint
+    is a one-line ConfigError in the launcher, never a worker traceback. Logs precision notes."""
     if not cfg.enabled:
         return
     spec = _resolve(cfg)
@@ -381,17 +471,23 @@ def validate_model_config(cfg: ModelConfig, *, check_network: bool = True) -> No
         if not _weights_cached(spec):
             reason = _hub_offline_reason()
             if reason:
-                what = cfg.clip_model + (f" --clip-pretrained {cfg.clip_pretrained}" if cfg.clip_pretrained else "")
-                raise ConfigError(f"--clip-model {what}: the weights are not cached and can't be fetched ({reason}); "
-                                  "download them where you are online, or pass a local checkpoint: --clip-model DIR "
-                                  f"(open_clip local-dir: {CONFIG_FILE} + weights) or --clip-model ARCH "
-                                  "--clip-pretrained FILE.safetensors")
+                raise ConfigError(offline_error(cfg, reason))
     if cfg.device == "cuda" and not cfg.accelerator:
         resolve_device("cuda")  # raises without a GPU; with --accelerator the workers are checked on load
     device = resolve_device(cfg.device, check=False)
     note = precision_note(cfg, device)
     if note:
         log.warning(note)
+    if load_local and spec.weights:
+        st = os.stat(spec.weights)
+        _check_local_weights(spec, cfg.clip_model, cfg.clip_pretrained, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _check_local_weights(spec: _Spec, clip_model: str, clip_pretrained: str | None, size: int,
+                         mtime_ns: int) -> None:
+    """Build the model on the CPU with its weights (read safely), once per file version."""
+    load_clip(ModelConfig(clip_model=clip_model, clip_pretrained=clip_pretrained, device="cpu"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,8 +611,8 @@ def load_clip(cfg: ModelConfig, device: str | None = None) -> LoadedClip:
             if spec.weights:
                 _apply_state_dict(model, _safe_state_dict(spec.weights), spec.weights)
             else:
-                log.warning("--clip-model %s without --clip-pretrained: random weights (seed %d); scores are "
-                            "meaningless (benchmarks only)", spec.name, RANDOM_INIT_SEED)
+                log.info("--clip-model %s --clip-pretrained none: random weights (seed %d), on purpose",
+                         spec.name, RANDOM_INIT_SEED)
         tokenizer = open_clip.get_tokenizer(spec.name)
     preprocess = _transform(model, TEST_TINY_PREPROCESS_CFG if spec.kind == "test" else None)
     model = model.to(torch.device(dev)).eval()

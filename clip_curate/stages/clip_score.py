@@ -5,6 +5,9 @@
 reaching the stage, computed with Beam's ``ApproximateQuantiles`` as a side input; others are
 ``below_top_fraction``. Ties at the cutoff are kept (the rule depends only on the score, so equal scores
 always share a fate). Rows without a score pass, counted ``clip_unscored``.
+
+The filter runs only when asked; :func:`card_judgment` says whether the model's card is calibrated for
+it (and with which threshold), and warns when it is not.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 
 from clip_curate.fields import ConfigError, opt
+from clip_curate.models.cards import Judgment, ModelCard
 from clip_curate.stages.base import RowFilter, RowStage, Stage, Verdict, register
 
 QUANTILE_RESOLUTION = 1000  # cutoff grid and approximation error: 1e-3 in rank
@@ -37,6 +41,40 @@ class ClipFilterConfig:
     def active(self) -> bool:
         return self.min_clip_score is not None or (self.clip_top_fraction is not None
                                                    and self.clip_top_fraction < 1.0)
+
+
+def _asked(cfg: ClipFilterConfig) -> str:
+    parts = []
+    if cfg.min_clip_score is not None:
+        parts.append(f"--min-clip-score {cfg.min_clip_score:g}")
+    if cfg.clip_top_fraction is not None and cfg.clip_top_fraction < 1.0:
+        parts.append(f"--clip-top-fraction {cfg.clip_top_fraction:g}")
+    return ", ".join(parts)
+
+
+def card_judgment(cfg: ClipFilterConfig, card: ModelCard | None) -> tuple[ClipFilterConfig, Judgment]:
+    """The line for the CLIP-score filter under the model's ``card`` (None: no CLIP model in the run).
+    The filter runs only when asked; asked with a model whose card does not cover it, it runs with a
+    warning. The config is returned unchanged."""
+    if card is None:
+        if not cfg.active:
+            return cfg, Judgment("clip-score filter: off (no CLIP model)")
+        return cfg, Judgment(f"clip-score filter: on ({_asked(cfg)}); no CLIP model in this run, so only rows "
+                             "that carry a stored clip_score are judged")
+    t, f = card.threshold("clip_score"), card.top_fraction("clip_score")
+    advice = "; ".join(x for x in (t is not None and f"--min-clip-score {t:g}",
+                                   f is not None and f"--clip-top-fraction {f:g}") if x)
+    if not cfg.active:
+        if card.covers("clip_score"):
+            why = f"not asked; {card.model}'s card: {advice}" if advice else f"not asked; {card.model}'s card covers it"
+        else:
+            why = f"not asked; {card.not_calibrated()}"
+        return cfg, Judgment(f"clip-score filter: off ({why})")
+    if card.covers("clip_score"):
+        ref = f"{card.model}'s card: {advice}" if advice else f"{card.model}'s card covers it"
+        return cfg, Judgment(f"clip-score filter: on ({_asked(cfg)}; {ref})")
+    line = f"clip-score filter: on as asked ({_asked(cfg)}), but {card.not_calibrated()}"
+    return cfg, Judgment(line, line + ": the threshold may not mean what it assumes")
 
 
 def clip_verdict(score: float | None, cfg: ClipFilterConfig, cutoff: float | None = None) -> tuple[str | None, str]:

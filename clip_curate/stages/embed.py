@@ -8,6 +8,10 @@ Preprocessing runs in its own DoFn before ``RunInference`` and hands the handler
 the batch. On runners that execute several bundles per process (Dataflow, Flink, the DirectRunner
 in multi_threading mode) one thread's decode overlaps another's forward pass on the shared model.
 Rows that already carry embeddings made by the same model (``embed_model``) skip the model.
+
+A batch whose forward pass raises (a bad tensor, out of memory) is retried one element at a time;
+elements that still fail become ``embed/embed_error`` rows (the exception's first line in ``detail``)
+and the job goes on: a dead-letter path inside the handler, so no second model copy is loaded.
 """
 from __future__ import annotations
 
@@ -120,6 +124,30 @@ class ClipEmbedder:
 Example = tuple[np.ndarray, np.ndarray]  # (pixels [3,S,S], tokens [ctx])
 
 
+@dataclass(frozen=True)
+class EmbedFailure:
+    """The inference of an element whose forward pass raised, alone in its batch too."""
+
+    detail: str
+
+
+def failure_detail(exc: BaseException) -> str:
+    """``embedding failed: <Type>: <first line of the message>`` (addresses stripped, at most 300 chars)."""
+    lines = str(exc).strip().splitlines()
+    first = re.sub(r" (object )?at 0x[0-9a-fA-F]+", "", lines[0].strip()) if lines else ""
+    return f"embedding failed: {exc.__class__.__name__}" + (f": {first}" if first else "")[:300]
+
+
+def _free_device_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort before the element-wise retry
+        pass
+
+
 class ClipModelHandler(ModelHandler[Example, tuple[np.ndarray, np.ndarray, float], ClipEmbedder]):
     """open_clip image + text towers for ``RunInference``: example = (pixels, tokens);
     inference = (image_embedding, text_embedding, clip_score)."""
@@ -139,18 +167,42 @@ class ClipModelHandler(ModelHandler[Example, tuple[np.ndarray, np.ndarray, float
 
     def run_inference(self, batch: Sequence[Example], model: ClipEmbedder,
                       inference_args: Optional[dict[str, Any]] = None) -> Iterable[PredictionResult]:
+        """One forward pass over the batch; when it raises, one pass per element, and an element that
+        still raises gets an :class:`EmbedFailure` as its inference (the job goes on)."""
         t0 = time.monotonic()
-        images = np.stack([e[0] for e in batch])
-        tokens = np.stack([e[1] for e in batch]).astype(np.int64, copy=False)
-        img, txt = model.embed(images, tokens)
-        scores = np.einsum("nd,nd->n", img, txt)
+        try:
+            results = self._embed_batch(batch, model)
+        except Exception as exc:  # noqa: BLE001 - any failure of the pass: retry element by element
+            log.warning("embed: a batch of %d failed (%s); retrying its elements one by one", len(batch),
+                        failure_detail(exc))
+            beam.metrics.Metrics.counter(METRICS, "embed_batch_retries").inc()
+            _free_device_memory()
+            results = []
+            for example in batch:
+                try:
+                    results.extend(self._embed_batch([example], model))
+                except Exception as one:  # noqa: BLE001 - this element's problem: a rejected row
+                    beam.metrics.Metrics.counter(METRICS, "embed_element_failures").inc()
+                    results.append(PredictionResult(None, EmbedFailure(failure_detail(one))))
         msecs = (time.monotonic() - t0) * 1000.0
         beam.metrics.Metrics.distribution(METRICS, "embed_batch_msecs").update(int(msecs))
-        beam.metrics.Metrics.counter(METRICS, "embedded_rows").inc(len(batch))
         per_row = int(round(msecs / max(len(batch), 1)))
         dist = beam.metrics.Metrics.distribution(METRICS, "embed_msecs")
         for _ in batch:
             dist.update(per_row)
+        return results
+
+    def _embed_batch(self, batch: Sequence[Example], model: ClipEmbedder) -> list[PredictionResult]:
+        images = np.stack([e[0] for e in batch])
+        tokens = np.stack([e[1] for e in batch]).astype(np.int64, copy=False)
+        img, txt = model.embed(images, tokens)
+        if len(img) != len(batch) or len(txt) != len(batch):
+            raise ValueError(f"the model returned {len(img)} image / {len(txt)} text embeddings for {len(batch)} "
+                             "examples")
+        scores = np.einsum("nd,nd->n", img, txt)
+        if not np.all(np.isfinite(scores)):
+            raise FloatingPointError("non-finite embedding (NaN or inf) in the batch")
+        beam.metrics.Metrics.counter(METRICS, "embedded_rows").inc(len(batch))
         return [PredictionResult(None, (img[i], txt[i], float(scores[i]))) for i in range(len(batch))]
 
     def get_num_bytes(self, batch: Sequence[Example]) -> int:
@@ -212,14 +264,22 @@ class _Prepare(beam.DoFn):
 
 
 class _Attach(beam.DoFn):
+    """Model output -> the row's embedding fields; an :class:`EmbedFailure` -> an ``embed_error`` row."""
+
     def __init__(self, key: str):
         self._key = key
 
     def setup(self):
         self._out = beam.metrics.Metrics.counter(METRICS, "embed_out")
+        self._errors = beam.metrics.Metrics.counter(METRICS, "embed_embed_error")
 
     def process(self, keyed):
         row, result = keyed
+        if isinstance(result.inference, EmbedFailure):
+            self._errors.inc()
+            yield beam.pvalue.TaggedOutput(records.REJECTED_TAG,
+                                           records.reject(row, STAGE, "embed_error", result.inference.detail))
+            return
         img, txt, score = result.inference
         out = dict(row)
         out["image_embedding"] = np.asarray(img, dtype=np.float32)
@@ -266,10 +326,12 @@ class Embed(beam.PTransform):
             inference = inference.with_resource_hints(accelerator=self._accelerator)
         embedded = (prepared.examples
                     | "RunInference" >> inference
-                    | "Attach" >> beam.ParDo(_Attach(self._key)))
+                    | "Attach" >> beam.ParDo(_Attach(self._key)).with_outputs(records.REJECTED_TAG, main="rows"))
         reused = prepared[_Prepare.REUSED] | "CountReused" >> beam.ParDo(_CountReused())
-        kept = (embedded, reused) | "Kept" >> beam.Flatten()
-        return kept, prepared[records.REJECTED_TAG]
+        kept = (embedded.rows, reused) | "Kept" >> beam.Flatten()
+        rejected = ((prepared[records.REJECTED_TAG], embedded[records.REJECTED_TAG])
+                    | "Rejected" >> beam.Flatten())
+        return kept, rejected
 
 
 def _check(cfg: ModelConfig) -> None:

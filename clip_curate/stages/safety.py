@@ -11,6 +11,10 @@ flag / reason       heuristic                                                   
 ``unsafe_caption``  caption contains a term of the word list (whole word)            ``unsafe_caption``
 ==================  ===============================================================  ================
 
+The concept check trusts the CLIP model's scores, so it runs by default only when the model's card is
+calibrated for it (:func:`card_judgment`; ``--nsfw-concept`` forces it on, with a warning). The opennsfw
+classifier and the word list do not depend on the CLIP model and stay on.
+
 ``--nsfw-policy drop`` rejects a flagged row (stage ``safety``, the first raised flag as reason, all
 scores/terms in ``detail``); ``--nsfw-policy tag`` keeps it with ``safety_flags`` set. The pure cores
 (:func:`caption_unsafe_term`, :func:`concept_scores`) are usable without Beam; :func:`caption_unsafe_term`
@@ -18,6 +22,7 @@ can also run before download to save bandwidth.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import logging
@@ -33,6 +38,7 @@ import numpy as np
 
 from clip_curate import records
 from clip_curate.fields import ConfigError, opt, read_user_text
+from clip_curate.models.cards import Judgment, ModelCard, card_for
 from clip_curate.models.clip import EmbedPromptSets, has_clip_model
 from clip_curate.stages.base import IMAGE, Addon, RowFilter, RowStage, Stage, StageContext, Verdict, register
 
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 STAGE = "safety"
 POLICIES = ("drop", "tag")
 FLAGS = ("nsfw_image", "nsfw_concept", "unsafe_caption")  # also the rejection reasons, in priority order
+DEFAULT_CONCEPT_THRESHOLD = 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,8 +63,11 @@ class SafetyConfig:
     nsfw_classifier: bool = opt(True, "run the opennsfw image classifier (nsfw_score on every row)")
     nsfw_threshold: float = opt(0.8, "flag nsfw_image when the opennsfw probability is >= this (0..1)")
     nsfw_batch_size: int = opt(32, "images per opennsfw ONNX batch")
-    nsfw_concept: bool = opt(True, "run the CLIP concept check on image embeddings (needs the embed stage)")
-    nsfw_concept_threshold: float = opt(0.5, "flag nsfw_concept when nsfw_clip_score is >= this (0..1)")
+    nsfw_concept: bool | None = opt(None, "run the CLIP concept check on image embeddings (needs the embed "
+                                          "stage); unset = on only when the model's card is calibrated for it, "
+                                          "--nsfw-concept forces it on (with a warning)")
+    nsfw_concept_threshold: float | None = opt(None, "flag nsfw_concept when nsfw_clip_score is >= this (0..1); "
+                                                     "unset = the model card's threshold, else 0.5")
     nsfw_concept_temperature: float = opt(100.0, "softmax temperature of the concept check (CLIP's logit scale)")
     concepts: str | None = opt(None, "YAML file with 'unsafe:' and 'neutral:' prompt lists for the concept "
                                      "check (default: the shipped clip_curate/data/concepts.yaml)")
@@ -73,7 +83,7 @@ class SafetyConfig:
         if self.nsfw_policy not in POLICIES:
             raise ConfigError(f"--nsfw-policy: unknown policy {self.nsfw_policy!r}; choose drop or tag")
         for flag, value in (("--nsfw-threshold", self.nsfw_threshold),
-                            ("--nsfw-concept-threshold", self.nsfw_concept_threshold)):
+                            ("--nsfw-concept-threshold", self.concept_threshold)):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{flag} must be between 0 and 1, got {value}")
         if self.nsfw_batch_size < 1:
@@ -89,8 +99,13 @@ class SafetyConfig:
         """Read the word list and the concepts file now, so a bad path fails before any work."""
         if self.caption_safety:
             load_wordlist(self.unsafe_words)
-        if self.nsfw_concept:
+        if self.nsfw_concept is not False:
             concept_prompts(self)
+
+    @property
+    def concept_threshold(self) -> float:
+        """``--nsfw-concept-threshold`` in effect (0.5 when neither the flag nor a card set it)."""
+        return DEFAULT_CONCEPT_THRESHOLD if self.nsfw_concept_threshold is None else self.nsfw_concept_threshold
 
     def prompts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(unsafe prompts, neutral prompts) in effect."""
@@ -277,6 +292,38 @@ def concept_scores(image_embeddings: np.ndarray, unsafe_embeddings: np.ndarray,
 
 
 # ---------------------------------------------------------------------------------------------
+# Model card (pure): is the concept check on?
+
+def card_judgment(config: SafetyConfig, card: ModelCard | None) -> tuple[SafetyConfig, Judgment]:
+    """The concept check's setting for a model with ``card`` (None: the run has no CLIP model), and the
+    line saying so. Unset ``--nsfw-concept`` follows the card; ``--nsfw-concept`` runs it anyway, with a
+    warning; the card's threshold applies unless ``--nsfw-concept-threshold`` is given."""
+    classifier = f"image classifier: {'on' if config.nsfw_classifier else 'off'}"
+    if card is None:
+        warning = ("--nsfw-concept: the run has no CLIP model (--clip-model none, or no embed stage), so the "
+                   "concept check cannot run") if config.nsfw_concept else None
+        return (dataclasses.replace(config, nsfw_concept=False, nsfw_concept_threshold=config.concept_threshold),
+                Judgment(f"nsfw concept check: off (no CLIP model); {classifier}", warning))
+    threshold = config.nsfw_concept_threshold
+    if threshold is None:
+        threshold = card.threshold("nsfw_concept") or DEFAULT_CONCEPT_THRESHOLD
+    covered = card.covers("nsfw_concept")
+    warning = None
+    if config.nsfw_concept is False:
+        on, why = False, "--no-nsfw-concept"
+    elif covered:
+        on, why = True, f"{card.model}'s card, threshold {threshold:g}"
+    elif config.nsfw_concept:
+        on, why = True, f"as asked by --nsfw-concept, but {card.not_calibrated()}"
+        warning = f"nsfw concept check: on as asked by --nsfw-concept, but {card.not_calibrated()}: its flags may be wrong"
+    else:
+        on, why = False, card.not_calibrated()
+    state = "on" if on else "off"
+    return (dataclasses.replace(config, nsfw_concept=on, nsfw_concept_threshold=threshold),
+            Judgment(f"nsfw concept check: {state} ({why}); {classifier}", warning))
+
+
+# ---------------------------------------------------------------------------------------------
 # Decision (pure)
 
 def decide(scores: dict[str, Any], config: SafetyConfig) -> tuple[list[str], list[str]]:
@@ -287,9 +334,9 @@ def decide(scores: dict[str, Any], config: SafetyConfig) -> tuple[list[str], lis
         flags.append("nsfw_image")
         details.append(f"nsfw_score={s:.3f} >= {config.nsfw_threshold}")
     c = scores.get("nsfw_clip_score")
-    if c is not None and c >= config.nsfw_concept_threshold:
+    if c is not None and c >= config.concept_threshold:
         flags.append("nsfw_concept")
-        details.append(f"nsfw_clip_score={c:.3f} >= {config.nsfw_concept_threshold}")
+        details.append(f"nsfw_clip_score={c:.3f} >= {config.concept_threshold}")
     term = scores.get("unsafe_term")
     if term:
         flags.append("unsafe_caption")
@@ -405,7 +452,8 @@ class SafetyCheck(beam.PTransform):
     """rows -> (kept, rejected): opennsfw score, CLIP concept score, caption word list, policy.
 
     ``model_config`` is the run's CLIP ``ModelConfig``; without one (or with ``--clip-model none``)
-    the concept check is skipped and ``nsfw_clip_score`` stays null. The concept check reuses each
+    the concept check is skipped and ``nsfw_clip_score`` stays null. An unset ``nsfw_concept`` follows
+    the model's card (:func:`card_judgment`). The concept check reuses each
     row's ``image_embedding``; only the prompts are embedded, once per run. ``prompt_embeddings``
     (``{"unsafe": (u, d) array, "neutral": (n, d) array}``, L2-normalised) may be given instead of a model.
     """
@@ -418,8 +466,11 @@ class SafetyCheck(beam.PTransform):
         self._given = None
         if prompt_embeddings is not None:
             self._given = {k: np.asarray(prompt_embeddings[k], dtype=np.float32) for k in ("unsafe", "neutral")}
+        if config.nsfw_concept is None and prompt_embeddings is None:  # built without a run: ask the card
+            config = card_judgment(config, card_for(model_config) if has_clip_model(model_config) else None)[0]
+            self._cfg = config
         self._wordlist = load_wordlist(config.unsafe_words) if config.caption_safety else None
-        self._prompts = concept_prompts(config) if config.nsfw_concept else None
+        self._prompts = concept_prompts(config) if config.nsfw_concept is not False else None
 
     def expand(self, rows):
         side = []

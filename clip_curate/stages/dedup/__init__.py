@@ -23,6 +23,7 @@ rejected, each input row exactly once.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -38,9 +39,11 @@ from clip_curate.stages.dedup.near import band_keys, near_best_dropper, popcount
 from clip_curate.stages.dedup.rule import PRIOR_SCORE
 from clip_curate.stages.dedup.semantic import SemanticModel, fit_semantic_model, semantic_best_dropper, semantic_keys
 from clip_curate.fields import ConfigError, opt
+from clip_curate.models.cards import Judgment, ModelCard
 from clip_curate.stages.base import IMAGE, Stage, StageContext, names_from, register
 
 NS = records.METRICS_NAMESPACE
+DEFAULT_SEMANTIC_THRESHOLD = 0.95
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,9 @@ class DedupConfig:
     near_dup_hamming: int = opt(6, "pHash Hamming distance (of 64 bits) at or below which images are near "
                                    "duplicates (6 catches re-encodes, resizes, colour shifts; ~12 also most "
                                    "crops of <= 10 %, at more false matches)")
-    semantic_threshold: float = opt(0.95, "cosine similarity of image embeddings at or above which rows are "
-                                          "semantic duplicates")
+    semantic_threshold: float | None = opt(None, "cosine similarity of image embeddings at or above which rows "
+                                                 "are semantic duplicates; unset = the model card's threshold, "
+                                                 "else 0.95")
     semantic_clusters: int = opt(0, "k-means clusters for semantic dedup (0 = about one per 1000 rows)")
     semantic_sample: int = opt(50_000, "embeddings sampled (deterministically, by uid hash) to fit the "
                                        "k-means centroids")
@@ -81,7 +85,7 @@ class DedupConfig:
                         ("--decontaminate-hamming", self.decontaminate_hamming)):
             if not isinstance(v, int) or not 0 <= v <= 31:
                 raise ConfigError(f"{flag} must be an integer in 0..31, got {v!r}")
-        for flag, v in (("--semantic-threshold", self.semantic_threshold),
+        for flag, v in (("--semantic-threshold", self.semantic_cosine),
                         ("--decontaminate-threshold", self.decontaminate_threshold)):
             if not 0 < v <= 1:
                 raise ConfigError(f"{flag} must be in (0, 1], got {v}")
@@ -103,6 +107,29 @@ class DedupConfig:
     @property
     def active(self) -> bool:
         return bool(self.dedup or self.decontaminate)
+
+    @property
+    def semantic_cosine(self) -> float:
+        """``--semantic-threshold`` in effect (0.95 when neither the flag nor a model card set it)."""
+        return DEFAULT_SEMANTIC_THRESHOLD if self.semantic_threshold is None else self.semantic_threshold
+
+    def card_judgment(self, card: ModelCard | None) -> tuple["DedupConfig", Judgment | None]:
+        """Semantic dedup under the model's ``card`` (None: no CLIP model): it runs only when asked
+        (``--dedup semantic``), with the card's threshold unless ``--semantic-threshold`` is given, and
+        with a warning when the card does not cover it. No line when semantic dedup is not asked for."""
+        threshold = self.semantic_threshold
+        if threshold is None:
+            threshold = (card.threshold("semantic_dedup") if card is not None else None) or DEFAULT_SEMANTIC_THRESHOLD
+        cfg = dataclasses.replace(self, semantic_threshold=threshold)
+        if "semantic" not in self.dedup:
+            return cfg, None
+        if card is None:
+            return cfg, Judgment(f"semantic dedup: on (cosine >= {threshold:g}); no CLIP model in this run, so "
+                                 "only rows with stored embeddings take part")
+        if card.covers("semantic_dedup"):
+            return cfg, Judgment(f"semantic dedup: on (cosine >= {threshold:g}; {card.model}'s card)")
+        line = f"semantic dedup: on as asked (--dedup semantic, cosine >= {threshold:g}), but {card.not_calibrated()}"
+        return cfg, Judgment(line, line + ": which images count as duplicates may be wrong")
 
 
 # ---------------------------------------------------------------------------------------------

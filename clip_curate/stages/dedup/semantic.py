@@ -205,7 +205,7 @@ def _embedding_item(m: dict):
 
 def _fit(sample: list, n_rows: int, cfg, seed: int) -> SemanticModel:
     sample = sorted(sample, key=lambda t: (t[0], t[1]))  # deterministic order for k-means
-    return fit_semantic_model([t[2] for t in sample], n_rows, cfg.semantic_threshold, cfg.semantic_clusters,
+    return fit_semantic_model([t[2] for t in sample], n_rows, cfg.semantic_cosine, cfg.semantic_clusters,
                               cfg.semantic_max_group, seed)
 
 
@@ -236,7 +236,7 @@ def _decisions(inp: KindInputs):
             | "SemBatch" >> beam.BatchElements(min_batch_size=64, max_batch_size=2048)
             | "SemKeys" >> beam.ParDo(_SemanticKeys(), beam.pvalue.AsSingleton(model))
             | "SemGroup" >> beam.GroupByKey()
-            | "SemDecide" >> beam.FlatMap(decide_bucket, "semantic", cfg.semantic_threshold, cfg.semantic_max_group))
+            | "SemDecide" >> beam.FlatMap(decide_bucket, "semantic", cfg.semantic_cosine, cfg.semantic_max_group))
 
 
 register_kind(DedupKind(
