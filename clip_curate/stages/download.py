@@ -10,12 +10,16 @@ wait without idling the slots of other hosts); ``finish_bundle()`` drains the re
 
 Per URL: scheme check → DNS through the worker's caching resolver (``--resolve`` overrides, positive
 and negative cache) → SSRF guard on every resolved address (the connection goes only to checked
-addresses, on every redirect hop) → robots.txt of the host (fetched once per worker, cached, ``protego``)
-→ per-host connection and requests/s limits → GET with connect/read timeouts inside a total per-URL
+addresses, on every redirect hop) → robots.txt of the origin (fetched once per worker, cached, ``protego``)
+→ per-origin connection and requests/s limits → GET with connect/read timeouts inside a total per-URL
 deadline → ``X-Robots-Tag`` opt-out read from the headers (the connection is closed before the body) →
 status → body streamed until ``--max-bytes`` → magic-number check. 5xx, 429, timeouts and connection
-errors are retried with exponential backoff; a host whose requests keep timing out or failing to connect
+errors are retried with exponential backoff; an origin whose requests keep timing out or failing to connect
 is cut off (circuit breaker) and its remaining rows are rejected ``host_unavailable``.
+
+Robots.txt, politeness and the breaker are keyed by origin, ``scheme://host:port`` (RFC 9309 scopes a
+robots.txt to the origin that serves it): two servers on one host name but different ports or schemes
+are two sites. DNS results are per host name; slow-host metrics and logs name hosts.
 
 The pure functions (:func:`check_url`, :func:`address_block_reason`, :func:`x_robots_opt_out`,
 :func:`status_reason`, :func:`sniff_image`, :func:`parse_resolve`) carry the rules and are tested alone.
@@ -31,6 +35,7 @@ import random
 import socket
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -57,7 +62,7 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _SLOW_HOST_LOG = 5            # hosts listed by the teardown log
 SLOW_HOST_MSECS = 2000.0      # hosts slower than this on average get a per-host distribution metric
 _MAX_SLOW_HOST_METRICS = 20   # per worker, to keep metric names bounded
-_MAX_HOSTS = 50_000           # per-host state kept per worker (idle hosts are forgotten beyond this)
+_MAX_ORIGINS = 50_000         # per-origin state kept per worker (idle origins are forgotten beyond this)
 
 
 @dataclass(frozen=True)
@@ -76,11 +81,12 @@ class DownloadConfig:
     threads: int = opt(64, "concurrent downloads per worker process")
     respect_robots: bool = opt(True, "honour X-Robots-Tag noai/noimageai/noindex/none (also agent-scoped "
                                      "forms), read from the headers before the body")
-    respect_robots_txt: bool = opt(True, "fetch each host's robots.txt once per worker and skip disallowed URLs")
+    respect_robots_txt: bool = opt(True, "fetch each origin's (scheme://host:port) robots.txt once per worker and "
+                                         "skip disallowed URLs")
     robots_timeout: float = opt(5.0, "timeout for fetching a robots.txt, seconds")
-    per_host_connections: int = opt(4, "concurrent requests per host per worker")
-    per_host_rps: float = opt(10.0, "requests per second per host per worker (0 = unlimited); a robots.txt "
-                                    "Crawl-delay lowers it")
+    per_host_connections: int = opt(4, "concurrent requests per origin (scheme://host:port) per worker")
+    per_host_rps: float = opt(10.0, "requests per second per origin (scheme://host:port) per worker "
+                                    "(0 = unlimited); a robots.txt Crawl-delay lowers it")
     resolve: tuple[str, ...] = opt((), "HOST:IP resolver override, like curl's --resolve", parse="append")
     allow_private_addresses: bool = opt(False, "allow loopback/private/link-local/reserved targets "
                                                "(local mirrors, tests)")
@@ -88,8 +94,9 @@ class DownloadConfig:
                                               "10.1.2.0/24 (narrower than --allow-private-addresses)")
     dns_cache_size: int = opt(100_000, "host names kept in each worker's DNS cache")
     dns_timeout: float = opt(5.0, "DNS resolution timeout, seconds")
-    host_failure_limit: int = opt(5, "consecutive timeouts/connection errors after which a host's remaining "
-                                     "rows are rejected host_unavailable (0 = never)")
+    host_failure_limit: int = opt(5, "consecutive timeouts/connection errors after which an origin's "
+                                     "(scheme://host:port) remaining rows are rejected host_unavailable "
+                                     "(0 = never)")
 
     def __post_init__(self):
         for name in ("timeout", "deadline", "dns_timeout", "robots_timeout"):
@@ -154,6 +161,20 @@ class UrlCheck:
     scheme: str = ""
     host: str = ""
     port: int = 0
+
+    @property
+    def origin(self) -> str:
+        """``scheme://host[:port]`` (RFC 6454 serialisation: the default port is left out), the key of
+        robots.txt, politeness and the circuit breaker (RFC 9309: robots.txt applies per origin)."""
+        return origin_of(self.scheme, self.host, self.port)
+
+
+def origin_of(scheme: str, host: str, port: int = 0) -> str:
+    """``origin_of("http", "127.0.0.1", 8080) == "http://127.0.0.1:8080"``; default ports are dropped and
+    IPv6 literals bracketed, so every spelling of one origin gives one key."""
+    default = 443 if scheme == "https" else 80
+    netloc = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{netloc}" if port in (0, default) else f"{scheme}://{netloc}:{port}"
 
 
 def check_url(url: Any) -> UrlCheck:
@@ -271,6 +292,126 @@ def sniff_image(head: bytes) -> str | None:
     if head.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n") or head.startswith(b"\xff\x4f\xff\x51"):
         return "jpeg2000"
     return None
+
+
+DECODED_ENCODINGS = ("gzip", "deflate")  # Content-Encoding values undone (x-gzip is gzip, identity is nothing)
+_MAX_CODINGS = 3                          # more stacked codings than this are refused
+ROBOTS_MAX_BYTES = 500_000                # robots.txt bytes parsed (decoded); the rest is ignored
+
+
+class EncodingError(ValueError):
+    """A body whose ``Content-Encoding`` cannot be undone (unsupported coding, corrupt or cut stream)."""
+
+
+def content_codings(values: Iterable[str]) -> list[str]:
+    """``Content-Encoding`` header values -> codings in the order they were applied, lower case, without
+    ``identity`` (``["gzip, identity"]`` -> ``["gzip"]``; ``x-gzip`` is ``gzip``)."""
+    out = []
+    for value in values:
+        for token in str(value).split(","):
+            token = token.strip().lower()
+            if token and token != "identity":
+                out.append("gzip" if token == "x-gzip" else token)
+    return out
+
+
+class _ZlibLayer:
+    """One gzip or deflate layer, streaming; every call returns at most ``room`` bytes."""
+
+    def __init__(self, coding: str):
+        self.coding = coding
+        self.head = b""      # deflate: the first bytes, until they say zlib-wrapped or raw (as servers send both)
+        self.d = zlib.decompressobj(31) if coding == "gzip" else None
+
+    def _start(self, data: bytes) -> bytes:
+        self.head += data
+        if len(self.head) < 2:
+            return b""
+        b0, b1 = self.head[0], self.head[1]
+        wrapped = b0 & 0x0F == 8 and (b0 << 8 | b1) % 31 == 0  # RFC 1950 header
+        self.d = zlib.decompressobj(15 if wrapped else -15)
+        data, self.head = self.head, b""
+        return data
+
+    def decode(self, data: bytes, room: int) -> tuple[bytes, bytes]:
+        """(output of at most ``room`` bytes, input not consumed yet because ``room`` ran out)."""
+        if self.d is None:
+            data = self._start(data)
+            if self.d is None:
+                return b"", b""
+        out = []
+        try:
+            while data and room > 0:
+                if self.d.eof:  # gzip allows several members one after another; anything else is trailing junk
+                    if self.coding != "gzip" or not data.startswith(b"\x1f\x8b"):
+                        return b"".join(out), b""
+                    self.d = zlib.decompressobj(31)
+                piece = self.d.decompress(data, room)
+                out.append(piece)
+                room -= len(piece)
+                data = self.d.unconsumed_tail or (self.d.unused_data if self.d.eof else b"")
+        except zlib.error as exc:
+            raise EncodingError(f"Content-Encoding {self.coding}: corrupt stream ({exc})") from None
+        return b"".join(out), data
+
+    def finish(self, room: int) -> bytes:
+        if self.d is None:
+            if self.head:
+                raise EncodingError(f"Content-Encoding {self.coding}: stream ends after {len(self.head)} byte")
+            raise EncodingError(f"Content-Encoding {self.coding}: empty stream")
+        try:
+            out = self.d.flush(max(room, 1))
+        except zlib.error as exc:
+            raise EncodingError(f"Content-Encoding {self.coding}: corrupt stream ({exc})") from None
+        if not self.d.eof:
+            raise EncodingError(f"Content-Encoding {self.coding}: stream ends early")
+        return out
+
+
+class BodyDecoder:
+    """Undo a body's ``Content-Encoding`` (gzip, deflate, stacked) while it streams, never producing more
+    than ``limit`` + 1 bytes at any layer: a decompression bomb is never inflated past the cap.
+
+    ``feed(chunk)`` returns the decoded bytes that ``chunk`` completes; once the decoded body (or a stacked
+    layer's output) would pass ``limit``, ``over`` is set and what comes out stops at ``limit`` bytes in all.
+    ``finish()`` returns the rest and checks that every stream ended. Raises :class:`EncodingError` for a
+    coding not in :data:`DECODED_ENCODINGS` (at construction) and for corrupt or cut streams.
+    """
+
+    def __init__(self, codings: list[str], limit: int):
+        unknown = [c for c in codings if c not in DECODED_ENCODINGS]
+        if unknown:
+            raise EncodingError(f"Content-Encoding {', '.join(codings)}: {unknown[0]} is not decoded "
+                                f"(decoded: {', '.join(DECODED_ENCODINGS)})")
+        if len(codings) > _MAX_CODINGS:
+            raise EncodingError(f"Content-Encoding {', '.join(codings)}: more than {_MAX_CODINGS} codings")
+        self.limit = limit
+        self.layers = [_ZlibLayer(c) for c in reversed(codings)]  # the last coding applied is undone first
+        self.made = [0] * len(self.layers)                         # bytes each layer produced so far
+        self.decoded = 0                                           # bytes returned so far
+        self.over = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._run(chunk, final=False)
+
+    def finish(self) -> bytes:
+        return b"" if self.over else self._run(b"", final=True)
+
+    def _run(self, data: bytes, final: bool) -> bytes:
+        for i, layer in enumerate(self.layers):
+            room = self.limit + 1 - self.made[i]
+            out, rest = layer.decode(data, room) if data and room > 0 else (b"", data)
+            if final and not self.over and not rest and len(out) < room:
+                out += layer.finish(room - len(out))
+            self.made[i] += len(out)
+            if rest or self.made[i] > self.limit:
+                self.over = True
+            data = out
+        keep = max(0, self.limit - self.decoded)
+        if len(data) > keep:
+            self.over, data = True, data[:keep]
+        self.decoded += len(data)
+        return data
 
 
 TRANSIENT_FAILURES = frozenset({"timeout", "connection_error", "http_5xx", "http_429"})
@@ -403,8 +544,8 @@ class CachingResolver(AbstractResolver):
 
 
 @dataclass
-class _Host:
-    """Per-host politeness and health state (lives on the engine's loop)."""
+class _Origin:
+    """Per-origin (scheme, host, port) robots.txt, politeness and health state (lives on the engine's loop)."""
 
     sem: asyncio.Semaphore
     interval: float
@@ -425,7 +566,7 @@ class _Result:
 
 
 class _Engine:
-    """Owns the loop thread, the aiohttp session, the resolver and per-host state of one worker."""
+    """Owns the loop thread, the aiohttp session, the resolver and per-origin state of one worker."""
 
     def __init__(self, cfg: DownloadConfig):
         self.cfg = cfg
@@ -450,7 +591,7 @@ class _Engine:
             headers={"User-Agent": cfg.user_agent, "Accept": "image/avif,image/webp,image/*,*/*;q=0.8",
                      "Accept-Encoding": "identity"})
         self.slots = asyncio.Semaphore(cfg.threads)
-        self.hosts: dict[str, _Host] = {}
+        self.origins: dict[str, _Origin] = {}  # origin_of(...) -> state
 
     def close(self) -> None:
         async def _close():
@@ -489,22 +630,22 @@ class _Engine:
                 "politeness_deferred": self.deferred}
 
     # -- loop side ------------------------------------------------------------------------
-    def _host(self, host: str) -> _Host:
-        st = self.hosts.get(host)
+    def _origin(self, origin: str) -> _Origin:
+        st = self.origins.get(origin)
         if st is None:
-            if len(self.hosts) >= _MAX_HOSTS:
-                self._evict_idle_hosts()
+            if len(self.origins) >= _MAX_ORIGINS:
+                self._evict_idle_origins()
             rps = self.cfg.per_host_rps
-            st = self.hosts[host] = _Host(asyncio.Semaphore(self.cfg.per_host_connections),
-                                          1.0 / rps if rps > 0 else 0.0)
+            st = self.origins[origin] = _Origin(asyncio.Semaphore(self.cfg.per_host_connections),
+                                                1.0 / rps if rps > 0 else 0.0)
         return st
 
-    def _evict_idle_hosts(self) -> None:
-        """Forget the oldest idle tenth of the hosts (their robots.txt, breaker and rate state)."""
-        idle = [h for h, st in self.hosts.items()
+    def _evict_idle_origins(self) -> None:
+        """Forget the oldest idle tenth of the origins (their robots.txt, breaker and rate state)."""
+        idle = [o for o, st in self.origins.items()
                 if not st.sem.locked() and (st.robots is None or st.robots.done())]
-        for h in idle[: max(1, len(self.hosts) // 10)]:
-            del self.hosts[h]
+        for o in idle[: max(1, len(self.origins) // 10)]:
+            del self.origins[o]
 
     async def _job(self, row: dict) -> _Result:
         res = _Result(row, msecs=0.0)
@@ -532,15 +673,14 @@ class _Engine:
             seen.add(url)
             if hop > cfg.max_redirects:
                 raise _Fail("too_many_redirects", f"more than {cfg.max_redirects} redirects, last {url}")
-            host = chk.host
-            res.host = res.host or host
-            st = self._host(host)
+            res.host = res.host or chk.host  # metrics and logs name hosts; state is per origin
+            st = self._origin(chk.origin)
             if st.down:
                 raise _Fail("host_unavailable", st.down)
-            await self._check_address(host)
+            await self._check_address(chk.host)
             if cfg.respect_robots_txt:
                 await self._check_robots(url, chk, st)
-            outcome = await self._attempts(url, host, st, budget, res)
+            outcome = await self._attempts(url, chk.origin, st, budget, res)
             if isinstance(outcome, bytes):
                 return outcome
             url = outcome  # redirect target
@@ -554,7 +694,7 @@ class _Engine:
         except _Blocked as exc:
             raise _Fail("blocked_address", str(exc)) from None
 
-    async def _slot(self, st: _Host):
+    async def _slot(self, st: _Origin):
         """Acquire a host slot (respecting its requests/s), then a worker slot. Returns a releaser."""
         waited = st.sem.locked()
         await st.sem.acquire()
@@ -574,7 +714,7 @@ class _Engine:
             st.sem.release()
         return release
 
-    async def _attempts(self, url: str, host: str, st: _Host, budget: list, res: _Result) -> bytes | str:
+    async def _attempts(self, url: str, origin: str, st: _Origin, budget: list, res: _Result) -> bytes | str:
         """GET with retries; returns the body, or the absolute URL of a redirect. Adds the time spent
         in requests (not in politeness queues) to ``res.msecs``."""
         cfg = self.cfg
@@ -616,9 +756,9 @@ class _Engine:
                 if f.reason in _HOST_FAILURES:
                     st.consecutive_failures += 1
                     if cfg.host_failure_limit and st.consecutive_failures >= cfg.host_failure_limit and not st.down:
-                        st.down = (f"{host}: {st.consecutive_failures} consecutive failures "
+                        st.down = (f"{origin}: {st.consecutive_failures} consecutive failures "
                                    f"(last: {f.reason} {f.detail})")
-                        log.warning("host cut off: %s", st.down)
+                        log.warning("origin cut off: %s", st.down)
                 else:
                     st.consecutive_failures = 0
                 retry_after = f.retry_after
@@ -664,45 +804,65 @@ class _Engine:
             if length is not None and length > cfg.max_bytes:
                 resp.close()
                 raise _Fail("too_large", f"Content-Length {length} > --max-bytes {cfg.max_bytes}")
-            chunks, total = [], 0
-            async for chunk in resp.content.iter_chunked(1 << 16):
-                if total == 0 and chunk and sniff_image(chunk[:16]) is None and len(chunk) >= 16:
-                    resp.close()
-                    raise _Fail("not_image", f"not an image (Content-Type {resp.content_type}, "
-                                             f"starts {chunk[:8]!r})")
-                total += len(chunk)
-                if total > cfg.max_bytes:
-                    resp.close()
-                    raise _Fail("too_large", f"body > --max-bytes {cfg.max_bytes}")
-                chunks.append(chunk)
-            body = b"".join(chunks)
-            if not body:
-                raise _Fail("not_image", f"empty body (Content-Type {resp.content_type})")
-            if sniff_image(body[:16]) is None:
-                raise _Fail("not_image", f"not an image (Content-Type {resp.content_type}, starts {body[:8]!r})")
-            return body
+            try:
+                decoder = BodyDecoder(content_codings(resp.headers.getall("Content-Encoding", ())), cfg.max_bytes)
+            except EncodingError as exc:
+                resp.close()
+                raise _Fail("not_image", str(exc)) from None
+            return await self._read_body(resp, decoder)
 
-    async def _check_robots(self, url: str, chk: UrlCheck, st: _Host) -> None:
+    async def _read_body(self, resp, decoder: BodyDecoder) -> bytes:
+        """The decoded body; ``--max-bytes`` caps both the bytes received and the bytes decoded."""
+        cfg = self.cfg
+        chunks, received, sniffed = [], 0, False
+        try:
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                received += len(chunk)
+                if received > cfg.max_bytes:
+                    raise _Fail("too_large", f"body > --max-bytes {cfg.max_bytes}")
+                chunks.append(decoder.feed(chunk))
+                if decoder.over:
+                    raise _Fail("too_large", f"{_coding_note(decoder)}body > --max-bytes {cfg.max_bytes}")
+                if not sniffed and decoder.decoded >= 16:
+                    sniffed = True
+                    head = b"".join(chunks)[:16]
+                    if sniff_image(head) is None:
+                        raise _Fail("not_image", f"not an image (Content-Type {resp.content_type}, "
+                                                 f"{_coding_note(decoder)}starts {head[:8]!r})")
+            chunks.append(decoder.finish())
+            if decoder.over:
+                raise _Fail("too_large", f"{_coding_note(decoder)}body > --max-bytes {cfg.max_bytes}")
+        except EncodingError as exc:
+            resp.close()
+            raise _Fail("not_image", str(exc)) from None
+        except _Fail:
+            resp.close()  # drop the connection: the rest of the body is never read
+            raise
+        body = b"".join(chunks)
+        if not body:
+            raise _Fail("not_image", f"empty body (Content-Type {resp.content_type})")
+        if sniff_image(body[:16]) is None:
+            raise _Fail("not_image", f"not an image (Content-Type {resp.content_type}, "
+                                     f"{_coding_note(decoder)}starts {body[:8]!r})")
+        return body
+
+    async def _check_robots(self, url: str, chk: UrlCheck, st: _Origin) -> None:
         if st.robots is None:
             st.robots = asyncio.ensure_future(self._fetch_robots(chk, st))
         parser, problem = await asyncio.shield(st.robots)
         if problem:
             raise _Fail("robots_unavailable", problem)
         if parser is not None and not parser.can_fetch(url, self.token):
-            raise _Fail("robots_disallowed", f"robots.txt of {chk.host} disallows {url} for {self.token}")
+            raise _Fail("robots_disallowed", f"robots.txt of {chk.origin} disallows {url} for {self.token}")
 
-    async def _fetch_robots(self, chk: UrlCheck, st: _Host) -> tuple[Any, str | None]:
+    async def _fetch_robots(self, chk: UrlCheck, st: _Origin) -> tuple[Any, str | None]:
         """(parser or None for allow-all, problem text or None). RFC 9309: 4xx -> allow all;
         5xx / timeout / connection error -> disallow all (temporarily: reason robots_unavailable)."""
         import yarl
         from protego import Protego
 
         cfg = self.cfg
-        default_port = 443 if chk.scheme == "https" else 80
-        netloc = chk.host if chk.port in (0, default_port) else f"{chk.host}:{chk.port}"
-        if ":" in chk.host:
-            netloc = f"[{chk.host}]" + (f":{chk.port}" if chk.port not in (0, default_port) else "")
-        url = f"{chk.scheme}://{netloc}/robots.txt"
+        url = f"{chk.origin}/robots.txt"
         for _ in range(5):  # RFC 9309: follow at least five redirects
             release = await self._slot(st)
             try:
@@ -722,10 +882,12 @@ class _Engine:
                     if 400 <= r.status < 500:
                         return None, None
                     if r.status >= 500:
-                        return None, f"robots.txt of {chk.host}: HTTP {r.status} (temporarily disallowed)"
-                    text = (await r.content.read(500_000)).decode("utf-8", "replace")
+                        return None, f"robots.txt of {chk.origin}: HTTP {r.status} (temporarily disallowed)"
+                    text = (await _read_robots(r)).decode("utf-8", "replace")
+            except EncodingError as exc:
+                return None, f"robots.txt of {chk.origin}: {exc} (temporarily disallowed)"
             except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
-                return None, f"robots.txt of {chk.host}: {type(exc).__name__} {exc} (temporarily disallowed)"
+                return None, f"robots.txt of {chk.origin}: {type(exc).__name__} {exc} (temporarily disallowed)"
             finally:
                 release()
             parser = Protego.parse(text)
@@ -734,6 +896,26 @@ class _Engine:
                 st.interval = max(st.interval, min(float(delay), 60.0))
             return parser, None
         return None, None
+
+
+async def _read_robots(resp, limit: int = ROBOTS_MAX_BYTES) -> bytes:
+    """The first ``limit`` decoded bytes of a robots.txt (RFC 9309 asks parsers to read at least 500 KiB);
+    a gzip or deflate robots.txt is decoded like an image body (raises EncodingError)."""
+    decoder = BodyDecoder(content_codings(resp.headers.getall("Content-Encoding", ())), limit)
+    out, received = [], 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        received += len(chunk)
+        out.append(decoder.feed(chunk))
+        if decoder.over or received > limit:
+            resp.close()
+            return b"".join(out)[:limit]
+    out.append(decoder.finish())
+    return b"".join(out)
+
+
+def _coding_note(decoder: BodyDecoder) -> str:
+    codings = [layer.coding for layer in reversed(decoder.layers)]
+    return f"Content-Encoding {', '.join(codings)}, decoded " if codings else ""
 
 
 def _job_result(fut, row: dict) -> _Result:

@@ -49,6 +49,14 @@ kernel, not merely queued), ``active`` / ``max_active`` (requests being answered
 requests on this address being answered when a request arrived, itself included -> count; the
 per-host concurrency distribution, e.g. its p99). ``srv.reset_stats()`` zeroes them.
 
+Request log: ``srv.request_log(host=None)`` lists the last ``log_size`` (default 100 000) request heads
+received, oldest first, as :class:`LoggedRequest` (``at``, ``method``, ``path``, ``host`` = Host header
+hostname, ``local_addr``); ``reset_stats()`` clears it too.
+
+Encoded bodies: :func:`encode` gives a body's ``gzip`` / ``deflate`` (zlib-wrapped, as RFC 9110 says) /
+``deflate-raw`` (what some servers send as ``deflate``) form, to serve with a ``Content-Encoding`` header;
+:func:`gzip_bomb` gives the gzip of N zero bytes (about 1000:1) without building the N bytes.
+
 Binding 127.0.0.2, 127.0.0.3, ... works on Linux without setup (the whole 127.0.0.0/8 is loopback).
 """
 from __future__ import annotations
@@ -56,17 +64,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import io
 import multiprocessing
 import socket
 import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence, Union
 from urllib.parse import urlsplit
 
-__all__ = ["Route", "Request", "Stats", "WebServer", "fault_routes", "tiny_jpeg", "loopback_hosts"]
+__all__ = ["Route", "Request", "LoggedRequest", "Stats", "WebServer", "fault_routes", "tiny_jpeg",
+           "loopback_hosts", "encode", "gzip_bomb"]
 
 _REASON_PHRASES = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other", 307: "Temporary Redirect",
                    308: "Permanent Redirect", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 410: "Gone",
@@ -104,6 +115,17 @@ class Request:
     local_addr: str
     headers: dict[str, str]
     n: int
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    """One request head as the server received it."""
+
+    at: float          # time.time()
+    method: str
+    path: str          # with the query string
+    host: str          # Host header hostname (without the port)
+    local_addr: str    # the local address it arrived on
 
 
 @dataclass
@@ -146,12 +168,14 @@ def loopback_hosts(n: int, first: int = 2) -> list[str]:
 class _Core:
     """The asyncio server; lives on one event loop (in a thread of this or another process)."""
 
-    def __init__(self, routes: RoutesT, hosts: Sequence[str], port: int, sndbuf: int | None):
+    def __init__(self, routes: RoutesT, hosts: Sequence[str], port: int, sndbuf: int | None,
+                 log_size: int = 100_000):
         self.routes = routes
         self.hosts = list(hosts)
         self.port = port
         self.sndbuf = sndbuf
         self.stats: dict[str, Stats] = {h: Stats() for h in self.hosts}
+        self.log: collections.deque = collections.deque(maxlen=log_size)
         self.seen: collections.Counter = collections.Counter()  # (host, path) -> n, for fail_first
         self.servers: list[asyncio.base_events.Server] = []
         self.lock = threading.Lock()
@@ -209,6 +233,10 @@ class _Core:
     _max_active_all = 0
     _max_conn_all = 0
 
+    def request_log(self, host: str | None) -> list[LoggedRequest]:
+        with self.lock:
+            return [r for r in self.log if host is None or r.local_addr == host]
+
     def reset(self) -> None:
         with self.lock:
             for h in self.stats:
@@ -218,6 +246,7 @@ class _Core:
             self._max_active_all = sum(s.active for s in self.stats.values())
             self._max_conn_all = sum(s.connections for s in self.stats.values())
             self.seen.clear()
+            self.log.clear()
 
     def _bump(self, st: Stats, what: str, delta: int) -> None:
         with self.lock:
@@ -280,6 +309,7 @@ class _Core:
                     st.last_request_at = time.time()
                     if st.first_request_at is None:
                         st.first_request_at = st.last_request_at
+                    self.log.append(LoggedRequest(st.last_request_at, method, path, host, local))
                 req = Request(method, path, host, local, headers, n)
                 self._bump(st, "active", +1)
                 try:
@@ -404,8 +434,8 @@ class _Thread:
                 self.loop.close()
 
 
-def _child_main(routes, hosts, port, sndbuf, conn) -> None:
-    runner = _Thread(_Core(routes, hosts, port, sndbuf))
+def _child_main(routes, hosts, port, sndbuf, log_size, conn) -> None:
+    runner = _Thread(_Core(routes, hosts, port, sndbuf, log_size))
     try:
         conn.send(("port", runner.start()))
     except BaseException as exc:  # noqa: BLE001 - report to the parent
@@ -418,6 +448,8 @@ def _child_main(routes, hosts, port, sndbuf, conn) -> None:
             break
         if cmd == "stats":
             conn.send(runner.core.snapshot(arg))
+        elif cmd == "log":
+            conn.send(runner.core.request_log(arg))
         elif cmd == "reset":
             runner.core.reset()
             conn.send(True)
@@ -435,13 +467,15 @@ class WebServer:
 
     ``process=True`` runs it in a separate (spawned) process so that a benchmark's client does not
     share the GIL with it; ``routes`` must then be picklable (a dict of Routes or a module-level
-    function).
+    function). ``log_size``: request heads kept for :meth:`request_log`.
     """
 
     def __init__(self, routes: RoutesT, host: str = "127.0.0.1", port: int = 0, *,
-                 hosts: Sequence[str] | None = None, process: bool = False, sndbuf: int | None = None):
+                 hosts: Sequence[str] | None = None, process: bool = False, sndbuf: int | None = None,
+                 log_size: int = 100_000):
         self.hosts = list(hosts) if hosts else [host]
         self._routes, self._port, self._process, self._sndbuf = routes, port, process, sndbuf
+        self._log_size = log_size
         self.port: int | None = None
         self._runner: _Thread | None = None
         self._proc = None
@@ -453,7 +487,8 @@ class WebServer:
             ctx = multiprocessing.get_context("spawn")
             parent, child = ctx.Pipe()
             self._proc = ctx.Process(target=_child_main, daemon=True,
-                                     args=(self._routes, self.hosts, self._port, self._sndbuf, child))
+                                     args=(self._routes, self.hosts, self._port, self._sndbuf, self._log_size,
+                                           child))
             self._proc.start()
             if not parent.poll(60):
                 self._proc.kill()
@@ -463,7 +498,7 @@ class WebServer:
                 raise OSError(f"web server process failed: {value}")
             self._conn, self.port = parent, value
         else:
-            self._runner = _Thread(_Core(self._routes, self.hosts, self._port, self._sndbuf))
+            self._runner = _Thread(_Core(self._routes, self.hosts, self._port, self._sndbuf, self._log_size))
             self.port = self._runner.start()
         return self
 
@@ -506,6 +541,14 @@ class WebServer:
                 return self._conn.recv()
         return self._runner.core.snapshot(host)
 
+    def request_log(self, host: str | None = None) -> list[LoggedRequest]:
+        """Request heads received (on local address ``host``), oldest first."""
+        if self._proc is not None:
+            with self._lock:
+                self._conn.send(("log", host))
+                return self._conn.recv()
+        return self._runner.core.request_log(host)
+
     def reset_stats(self) -> None:
         if self._proc is not None:
             with self._lock:
@@ -539,9 +582,35 @@ def tiny_jpeg(width: int = 64, height: int = 48, seed: int = 0, quality: int = 8
     return buf.getvalue()
 
 
+def encode(body: bytes, coding: str) -> bytes:
+    """``body`` as ``coding``: ``gzip``, ``deflate`` (zlib-wrapped, RFC 9110) or ``deflate-raw`` (a bare
+    deflate stream, which some servers label ``deflate``)."""
+    wbits = {"gzip": 31, "deflate": 15, "deflate-raw": -15}[coding]
+    co = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    return co.compress(body) + co.flush()
+
+
+@functools.lru_cache(maxsize=4)
+def gzip_bomb(size: int) -> bytes:
+    """One gzip member that inflates to ``size`` zero bytes (300 MB -> about 300 KB), built from one
+    repeated 1 MiB deflate block, so making it never holds ``size`` bytes."""
+    unit = 1 << 20
+    co = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = co.compress(bytes(unit)) + co.flush(zlib.Z_FULL_FLUSH)  # a full flush resets the history: repeatable
+    n, rest = divmod(size, unit)
+    tail = co.compress(bytes(rest)) + co.flush()
+    crc = 0
+    zeros = bytes(unit)
+    for _ in range(n):
+        crc = zlib.crc32(zeros, crc)
+    crc = zlib.crc32(bytes(rest), crc)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    return header + block * n + tail + struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
+
+
 def fault_routes(image: bytes | None = None, *, big_bytes: int = 2_000_000, slow_s: float = 10.0,
                  drip_bytes_per_s: float = 2000.0, private_url: str = "http://127.0.0.1:9/x.jpg",
-                 other_host_url: str | None = None) -> dict[str, Route]:
+                 other_host_url: str | None = None, bomb_bytes: int = 30_000_000) -> dict[str, Route]:
     """The standard fault web (path -> Route) used by the download tests and the demo.
 
     ``/ok.jpg`` a real JPEG; ``/404``; ``/500-then-ok.jpg`` (two 500s, then the image); ``/500``
@@ -553,6 +622,9 @@ def fault_routes(image: bytes | None = None, *, big_bytes: int = 2_000_000, slow
     (``big_bytes`` JPEG-looking bytes); ``/big-unsized.jpg`` (same, no Content-Length);
     ``/noai.jpg``, ``/noimageai.jpg``, ``/noindex.jpg``, ``/none.jpg``, ``/otherbot-noai.jpg``,
     ``/clip-curate-noai.jpg`` (X-Robots-Tag variants); ``/slow.jpg`` (answers after ``slow_s``);
+    ``/gzip.jpg``, ``/deflate.jpg``, ``/deflate-raw.jpg`` (the image with ``Content-Encoding: gzip`` /
+    ``deflate``); ``/br.jpg`` (labelled ``br``, a coding the downloader does not decode);
+    ``/corrupt-gzip.jpg`` (a gzip stream cut short); ``/gzip-bomb.jpg`` (``gzip_bomb(bomb_bytes)``);
     ``/robots.txt`` is left to the caller.
     """
     import os
@@ -590,6 +662,13 @@ def fault_routes(image: bytes | None = None, *, big_bytes: int = 2_000_000, slow
         "/otherbot-noai.jpg": Route(img, content_type=jpeg, headers={"X-Robots-Tag": "otherbot: noai"}),
         "/clip-curate-noai.jpg": Route(img, content_type=jpeg, headers={"X-Robots-Tag": "clip-curate: noai"}),
         "/slow.jpg": Route(img, content_type=jpeg, delay_s=slow_s),
+        "/gzip.jpg": Route(encode(img, "gzip"), content_type=jpeg, headers={"Content-Encoding": "gzip"}),
+        "/deflate.jpg": Route(encode(img, "deflate"), content_type=jpeg, headers={"Content-Encoding": "deflate"}),
+        "/deflate-raw.jpg": Route(encode(img, "deflate-raw"), content_type=jpeg,
+                                  headers={"Content-Encoding": "deflate"}),
+        "/br.jpg": Route(b"\x0b\x02\x80" + img, content_type=jpeg, headers={"Content-Encoding": "br"}),
+        "/corrupt-gzip.jpg": Route(encode(img, "gzip")[:-40], content_type=jpeg, headers={"Content-Encoding": "gzip"}),
+        "/gzip-bomb.jpg": Route(gzip_bomb(bomb_bytes), content_type=jpeg, headers={"Content-Encoding": "gzip"}),
     }
     for i in range(30):  # a redirect chain longer than any sane --max-redirects
         routes[f"/chain{i}"] = Route(redirect_to=f"/chain{i + 1}")
