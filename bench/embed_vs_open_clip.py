@@ -1,7 +1,7 @@
 """Benchmark: the Embed stage inside Beam vs a bare open_clip batched loop, same images/model/batch/dtype.
 
     python bench/embed_vs_open_clip.py                                   # CPU, synthetic-tiny
-    python bench/embed_vs_open_clip.py --model ViT-B-32 --precision bf16 --device cuda --batch-size 256 \
+    python bench/embed_vs_open_clip.py --model ViT-B-32 --pretrained none --precision bf16 --device cuda --batch-size 256 \
         --images 8192                                                     # GPU, random-init ViT-B-32
 
 Both sides start from the same JPEG bytes (``--image-px`` square scenes, quality 90) and captions and do

@@ -2,8 +2,9 @@
 
 Generates a synthetic image–caption world (matched pairs, random and hard caption mismatches, exact and
 near duplicates, unsafe images/captions, eval-set leaks, broken URLs), serves it on 127.0.0.1, runs
-``clip-curate run`` with the bundled ``synthetic-tiny`` model on the DirectRunner, and prints what was
-kept and rejected, plus precision/recall of each filter against the world's truth.
+``clip-curate run --clip-model synthetic-tiny`` (the bundled model, named: it is never a default) on the
+DirectRunner, and prints what was kept and rejected, plus precision/recall of each filter against the
+world's truth. The model's card switches the judgments it is not calibrated for off.
 """
 from __future__ import annotations
 
@@ -97,11 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--clip-model", "synthetic-tiny", "--min-clip-score", str(threshold),
                 "--dedup", "exact,near,semantic", "--semantic-threshold", "0.99", "--decontaminate", eval_dir,
                 "--nsfw-policy", "drop", "--audit", "--progress-seconds", "5",
-                "--language-candidates", "en,de,fr,es", "--no-nsfw-concept"]
-        for prompt in world_mod.UNSAFE_CONCEPT_PROMPTS:  # the world's own unsafe concept (see world.py)
-            argv += ["--unsafe-concept", prompt]
-        for prompt in world_mod.NEUTRAL_CONCEPT_PROMPTS:
-            argv += ["--neutral-concept", prompt]
+                "--language-candidates", "en,de,fr,es"]
+        # synthetic-tiny's card (clip_curate/data/synthetic-tiny/clip_curate_card.json) leaves the CLIP concept
+        # check and the audit's zero-shot attributes off: the opennsfw classifier and the word list judge safety
         if args.workers > 1:
             argv += [f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
         stats = run(argv)
