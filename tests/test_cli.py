@@ -46,6 +46,7 @@ def test_read_write_run_accounts_every_row(tmp_path, url_list):
     assert "curated rows" in res.stdout and "read / missing_url" in res.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--input", "nope.parquet", "--output", "o"], "input not found"),
     (["--input", "{urls}", "--output", "o", "--url-col", "link"], "column 'link' not found"),
@@ -81,6 +82,7 @@ def test_yaml_config_sets_flags_and_rejects_unknown_keys(tmp_path, url_list):
         parse_run_args(["--config", str(typed)])
 
 
+@pytest.mark.slow
 def test_help_documents_every_flag():
     res = cli("run", "--help")
     assert res.returncode == 0

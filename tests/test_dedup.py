@@ -429,6 +429,7 @@ def test_world_duplicates_and_eval_leaks(tmp_path, run_dedup):
 # Worker count, input order, faults: identical decisions, every row exactly once
 
 
+@pytest.mark.slow
 def test_same_decisions_with_two_worker_processes_and_shuffled_input(tmp_path, photo_rows, jpeg, run_dedup):
     rows, _ = photo_rows
     faulty = [dict(rows[0], uid="no-phash", phash=None, url="http://photos.test/np"),

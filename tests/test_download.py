@@ -347,6 +347,7 @@ def test_rows_recovered_once_the_server_is_back(run_download):
     assert len(kept) == 5 and rejected2 == []
 
 
+@pytest.mark.slow
 def test_multiprocess_direct_runner(run_download):
     with WebServer(fault_routes(JPEG)) as srv:
         urls = [srv.url("/ok.jpg") + f"?{i}" for i in range(8)] + [srv.url("/404"), srv.url("/noai.jpg")]

@@ -112,6 +112,7 @@ def test_stored_embeddings_of_the_same_model_are_reused(make_rows, run_transform
     assert counters["embedded_rows"] == 3
 
 
+@pytest.mark.slow
 def test_multiprocess_workers_agree(loaded, make_rows, run_transform):
     """Two DirectRunner worker processes each load the model; seeded init keeps scores identical."""
     rows = make_rows(16)

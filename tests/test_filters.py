@@ -121,6 +121,7 @@ def test_absolute_threshold_pipeline(run_transform):
     assert counters["clip_low_clip_score"] == len(rejected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fraction", [0.3])
 def test_top_fraction_across_worker_processes(fraction, run_transform):
     rows = _score_rows(6000, seed=1)
