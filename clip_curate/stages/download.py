@@ -297,6 +297,7 @@ def sniff_image(head: bytes) -> str | None:
 DECODED_ENCODINGS = ("gzip", "deflate")  # Content-Encoding values undone (x-gzip is gzip, identity is nothing)
 _MAX_CODINGS = 3                          # more stacked codings than this are refused
 ROBOTS_MAX_BYTES = 500_000                # robots.txt bytes parsed (decoded); the rest is ignored
+_PIECE = 1 << 20                          # decoded bytes made per zlib call (bounds the copies capping makes)
 
 
 class EncodingError(ValueError):
@@ -316,12 +317,14 @@ def content_codings(values: Iterable[str]) -> list[str]:
 
 
 class _ZlibLayer:
-    """One gzip or deflate layer, streaming; every call returns at most ``room`` bytes."""
+    """One gzip or deflate layer, streaming; every call returns at most ``room`` bytes, in pieces of at
+    most :data:`_PIECE` bytes (so that capping never needs a copy of a large buffer)."""
 
     def __init__(self, coding: str):
         self.coding = coding
         self.head = b""      # deflate: the first bytes, until they say zlib-wrapped or raw (as servers send both)
         self.d = zlib.decompressobj(31) if coding == "gzip" else None
+        self.fed = 0
 
     def _start(self, data: bytes) -> bytes:
         self.head += data
@@ -333,32 +336,34 @@ class _ZlibLayer:
         data, self.head = self.head, b""
         return data
 
-    def decode(self, data: bytes, room: int) -> tuple[bytes, bytes]:
-        """(output of at most ``room`` bytes, input not consumed yet because ``room`` ran out)."""
+    def decode(self, data: bytes, room: int) -> tuple[list[bytes], bytes]:
+        """(output pieces, at most ``room`` bytes in all; input not consumed because ``room`` ran out)."""
+        self.fed += len(data)
         if self.d is None:
             data = self._start(data)
             if self.d is None:
-                return b"", b""
+                return [], b""
         out = []
         try:
             while data and room > 0:
                 if self.d.eof:  # gzip allows several members one after another; anything else is trailing junk
                     if self.coding != "gzip" or not data.startswith(b"\x1f\x8b"):
-                        return b"".join(out), b""
+                        return out, b""
                     self.d = zlib.decompressobj(31)
-                piece = self.d.decompress(data, room)
-                out.append(piece)
+                piece = self.d.decompress(data, min(room, _PIECE))
+                if piece:
+                    out.append(piece)
                 room -= len(piece)
                 data = self.d.unconsumed_tail or (self.d.unused_data if self.d.eof else b"")
         except zlib.error as exc:
             raise EncodingError(f"Content-Encoding {self.coding}: corrupt stream ({exc})") from None
-        return b"".join(out), data
+        return out, data
 
     def finish(self, room: int) -> bytes:
-        if self.d is None:
-            if self.head:
-                raise EncodingError(f"Content-Encoding {self.coding}: stream ends after {len(self.head)} byte")
+        if not self.fed:
             raise EncodingError(f"Content-Encoding {self.coding}: empty stream")
+        if self.d is None:
+            raise EncodingError(f"Content-Encoding {self.coding}: stream ends after {len(self.head)} byte")
         try:
             out = self.d.flush(max(room, 1))
         except zlib.error as exc:
@@ -372,10 +377,10 @@ class BodyDecoder:
     """Undo a body's ``Content-Encoding`` (gzip, deflate, stacked) while it streams, never producing more
     than ``limit`` + 1 bytes at any layer: a decompression bomb is never inflated past the cap.
 
-    ``feed(chunk)`` returns the decoded bytes that ``chunk`` completes; once the decoded body (or a stacked
+    ``feed(chunk)`` returns the decoded pieces that ``chunk`` completes; once the decoded body (or a stacked
     layer's output) would pass ``limit``, ``over`` is set and what comes out stops at ``limit`` bytes in all.
-    ``finish()`` returns the rest and checks that every stream ended. Raises :class:`EncodingError` for a
-    coding not in :data:`DECODED_ENCODINGS` (at construction) and for corrupt or cut streams.
+    ``finish()`` returns the last pieces and checks that every stream ended. Raises :class:`EncodingError`
+    for a coding not in :data:`DECODED_ENCODINGS` (at construction) and for corrupt or cut streams.
     """
 
     def __init__(self, codings: list[str], limit: int):
@@ -385,33 +390,46 @@ class BodyDecoder:
                                 f"(decoded: {', '.join(DECODED_ENCODINGS)})")
         if len(codings) > _MAX_CODINGS:
             raise EncodingError(f"Content-Encoding {', '.join(codings)}: more than {_MAX_CODINGS} codings")
+        self.codings = list(codings)
         self.limit = limit
         self.layers = [_ZlibLayer(c) for c in reversed(codings)]  # the last coding applied is undone first
         self.made = [0] * len(self.layers)                         # bytes each layer produced so far
         self.decoded = 0                                           # bytes returned so far
         self.over = False
 
-    def feed(self, chunk: bytes) -> bytes:
-        return self._run(chunk, final=False)
+    def feed(self, chunk: bytes) -> list[bytes]:
+        return self._run([chunk] if chunk else [], final=False)
 
-    def finish(self) -> bytes:
-        return b"" if self.over else self._run(b"", final=True)
+    def finish(self) -> list[bytes]:
+        return [] if self.over else self._run([], final=True)
 
-    def _run(self, data: bytes, final: bool) -> bytes:
+    def _run(self, pieces: list[bytes], final: bool) -> list[bytes]:
         for i, layer in enumerate(self.layers):
+            out, rest = [], b""
+            for piece in pieces:
+                room = self.limit + 1 - self.made[i]
+                got, rest = layer.decode(piece, room) if room > 0 else ([], piece)
+                out += got
+                self.made[i] += sum(map(len, got))
+                if rest:
+                    break
             room = self.limit + 1 - self.made[i]
-            out, rest = layer.decode(data, room) if data and room > 0 else (b"", data)
-            if final and not self.over and not rest and len(out) < room:
-                out += layer.finish(room - len(out))
-            self.made[i] += len(out)
+            if final and not self.over and not rest and room > 0:
+                tail = layer.finish(room)
+                self.made[i] += len(tail)
+                out.append(tail)
             if rest or self.made[i] > self.limit:
                 self.over = True
-            data = out
-        keep = max(0, self.limit - self.decoded)
-        if len(data) > keep:
-            self.over, data = True, data[:keep]
-        self.decoded += len(data)
-        return data
+            pieces = out
+        kept = []
+        for piece in pieces:
+            keep = self.limit - self.decoded
+            if len(piece) > keep:
+                self.over, piece = True, piece[:keep]
+            if piece:
+                kept.append(piece)
+                self.decoded += len(piece)
+        return kept
 
 
 TRANSIENT_FAILURES = frozenset({"timeout", "connection_error", "http_5xx", "http_429"})
@@ -820,16 +838,16 @@ class _Engine:
                 received += len(chunk)
                 if received > cfg.max_bytes:
                     raise _Fail("too_large", f"body > --max-bytes {cfg.max_bytes}")
-                chunks.append(decoder.feed(chunk))
+                chunks += decoder.feed(chunk)
                 if decoder.over:
                     raise _Fail("too_large", f"{_coding_note(decoder)}body > --max-bytes {cfg.max_bytes}")
                 if not sniffed and decoder.decoded >= 16:
                     sniffed = True
-                    head = b"".join(chunks)[:16]
+                    head = _first_bytes(chunks, 16)
                     if sniff_image(head) is None:
                         raise _Fail("not_image", f"not an image (Content-Type {resp.content_type}, "
                                                  f"{_coding_note(decoder)}starts {head[:8]!r})")
-            chunks.append(decoder.finish())
+            chunks += decoder.finish()
             if decoder.over:
                 raise _Fail("too_large", f"{_coding_note(decoder)}body > --max-bytes {cfg.max_bytes}")
         except EncodingError as exc:
@@ -905,17 +923,25 @@ async def _read_robots(resp, limit: int = ROBOTS_MAX_BYTES) -> bytes:
     out, received = [], 0
     async for chunk in resp.content.iter_chunked(1 << 16):
         received += len(chunk)
-        out.append(decoder.feed(chunk))
+        out += decoder.feed(chunk)
         if decoder.over or received > limit:
             resp.close()
             return b"".join(out)[:limit]
-    out.append(decoder.finish())
+    out += decoder.finish()
     return b"".join(out)
 
 
+def _first_bytes(pieces: list[bytes], n: int) -> bytes:
+    out = b""
+    for piece in pieces:
+        out += piece[: n - len(out)]
+        if len(out) >= n:
+            break
+    return out
+
+
 def _coding_note(decoder: BodyDecoder) -> str:
-    codings = [layer.coding for layer in reversed(decoder.layers)]
-    return f"Content-Encoding {', '.join(codings)}, decoded " if codings else ""
+    return f"Content-Encoding {', '.join(decoder.codings)}, decoded " if decoder.codings else ""
 
 
 def _job_result(fut, row: dict) -> _Result:

@@ -591,21 +591,23 @@ def encode(body: bytes, coding: str) -> bytes:
 
 
 @functools.lru_cache(maxsize=4)
-def gzip_bomb(size: int) -> bytes:
-    """One gzip member that inflates to ``size`` zero bytes (300 MB -> about 300 KB), built from one
-    repeated 1 MiB deflate block, so making it never holds ``size`` bytes."""
+def gzip_bomb(size: int, prefix: bytes = b"") -> bytes:
+    """One gzip member that inflates to ``prefix`` + ``size`` zero bytes (300 MB -> about 300 KB), built
+    from one repeated 1 MiB deflate block, so making it never holds ``size`` bytes. A ``prefix`` such as
+    ``b"\\xff\\xd8\\xff"`` makes it look like a JPEG to a client that sniffs the first bytes."""
     unit = 1 << 20
     co = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = co.compress(prefix) + co.flush(zlib.Z_FULL_FLUSH) if prefix else b""
     block = co.compress(bytes(unit)) + co.flush(zlib.Z_FULL_FLUSH)  # a full flush resets the history: repeatable
     n, rest = divmod(size, unit)
     tail = co.compress(bytes(rest)) + co.flush()
-    crc = 0
+    crc = zlib.crc32(prefix)
     zeros = bytes(unit)
     for _ in range(n):
         crc = zlib.crc32(zeros, crc)
     crc = zlib.crc32(bytes(rest), crc)
     header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
-    return header + block * n + tail + struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
+    return header + head + block * n + tail + struct.pack("<II", crc & 0xFFFFFFFF, (len(prefix) + size) & 0xFFFFFFFF)
 
 
 def fault_routes(image: bytes | None = None, *, big_bytes: int = 2_000_000, slow_s: float = 10.0,
@@ -624,7 +626,8 @@ def fault_routes(image: bytes | None = None, *, big_bytes: int = 2_000_000, slow
     ``/clip-curate-noai.jpg`` (X-Robots-Tag variants); ``/slow.jpg`` (answers after ``slow_s``);
     ``/gzip.jpg``, ``/deflate.jpg``, ``/deflate-raw.jpg`` (the image with ``Content-Encoding: gzip`` /
     ``deflate``); ``/br.jpg`` (labelled ``br``, a coding the downloader does not decode);
-    ``/corrupt-gzip.jpg`` (a gzip stream cut short); ``/gzip-bomb.jpg`` (``gzip_bomb(bomb_bytes)``);
+    ``/corrupt-gzip.jpg`` (a gzip stream cut short); ``/gzip-bomb.jpg`` (``gzip_bomb(bomb_bytes)`` behind
+    the JPEG magic number, so only a size cap on the decoded bytes stops it);
     ``/robots.txt`` is left to the caller.
     """
     import os
@@ -668,7 +671,8 @@ def fault_routes(image: bytes | None = None, *, big_bytes: int = 2_000_000, slow
                                   headers={"Content-Encoding": "deflate"}),
         "/br.jpg": Route(b"\x0b\x02\x80" + img, content_type=jpeg, headers={"Content-Encoding": "br"}),
         "/corrupt-gzip.jpg": Route(encode(img, "gzip")[:-40], content_type=jpeg, headers={"Content-Encoding": "gzip"}),
-        "/gzip-bomb.jpg": Route(gzip_bomb(bomb_bytes), content_type=jpeg, headers={"Content-Encoding": "gzip"}),
+        "/gzip-bomb.jpg": Route(gzip_bomb(bomb_bytes, img[:3]), content_type=jpeg,
+                                headers={"Content-Encoding": "gzip"}),
     }
     for i in range(30):  # a redirect chain longer than any sane --max-redirects
         routes[f"/chain{i}"] = Route(redirect_to=f"/chain{i + 1}")
