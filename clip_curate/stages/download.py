@@ -13,7 +13,8 @@ and negative cache) → SSRF guard on every resolved address (the connection goe
 addresses, on every redirect hop) → robots.txt of the origin (fetched once per worker, cached, ``protego``)
 → per-origin connection and requests/s limits → GET with connect/read timeouts inside a total per-URL
 deadline → ``X-Robots-Tag`` opt-out read from the headers (the connection is closed before the body) →
-status → body streamed until ``--max-bytes`` → magic-number check. 5xx, 429, timeouts and connection
+status → body streamed (``Content-Encoding`` gzip/deflate undone on the fly) until ``--max-bytes``
+received or decoded bytes → magic-number check of the decoded bytes. 5xx, 429, timeouts and connection
 errors are retried with exponential backoff; an origin whose requests keep timing out or failing to connect
 is cut off (circuit breaker) and its remaining rows are rejected ``host_unavailable``.
 
@@ -22,7 +23,8 @@ robots.txt to the origin that serves it): two servers on one host name but diffe
 are two sites. DNS results are per host name; slow-host metrics and logs name hosts.
 
 The pure functions (:func:`check_url`, :func:`address_block_reason`, :func:`x_robots_opt_out`,
-:func:`status_reason`, :func:`sniff_image`, :func:`parse_resolve`) carry the rules and are tested alone.
+:func:`status_reason`, :func:`sniff_image`, :func:`parse_resolve`, :func:`content_codings`) and
+:class:`BodyDecoder` carry the rules and are tested alone.
 """
 from __future__ import annotations
 
@@ -75,8 +77,9 @@ class DownloadConfig:
     retry_backoff: float = opt(1.0, "first retry waits about this long (seconds, doubling, jittered)")
     user_agent: str = opt(DEFAULT_USER_AGENT, "User-Agent header; its first token is matched against "
                                               "robots.txt groups and agent-scoped X-Robots-Tag values")
-    max_bytes: int = opt(20_000_000, "largest body read; longer bodies are rejected too_large without "
-                                     "being read further")
+    max_bytes: int = opt(20_000_000, "largest body, counted as received and after undoing Content-Encoding "
+                                     "gzip/deflate; longer bodies are rejected too_large without being read "
+                                     "or inflated further")
     max_redirects: int = opt(5, "redirects followed per URL")
     threads: int = opt(64, "concurrent downloads per worker process")
     respect_robots: bool = opt(True, "honour X-Robots-Tag noai/noimageai/noindex/none (also agent-scoped "
