@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -84,14 +85,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
         logging.getLogger(BEAM_WORKER_ECHO_LOGGER).addFilter(QuietBeamWorkerEcho())
+    quiet = _QuietConfigErrors()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(quiet)
     try:
         return int(COMMANDS[command](rest) or 0)
-    except ConfigError as exc:
-        print(f"clip-curate {command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"clip-curate {command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        message = config_error_message(exc)
+        if message is None:
+            raise
+        print(f"clip-curate {command}: error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(quiet)
+
+
+_WHILE_RUNNING = re.compile(r"\s*\[while running '[^']*'\]")
+_REMOTE_CONFIG_ERROR = re.compile(r"(?:clip_curate\.fields\.)?ConfigError: ([^\n]+)")
+
+
+def config_error_message(exc: BaseException) -> str | None:
+    """The one-line message of the ConfigError behind ``exc`` (raised directly, re-raised by Beam with
+    "[while running ...]" appended, chained, or reported as text by a worker process), else None."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ConfigError):
+            return one_line(_WHILE_RUNNING.sub("", str(e)))
+        stack.extend([e.__cause__, e.__context__])
+    found = _REMOTE_CONFIG_ERROR.findall(str(exc))
+    return one_line(_WHILE_RUNNING.sub("", found[-1])) if found else None
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _has_config_error(exc_info) -> bool:
+    return bool(exc_info and exc_info[1] is not None and config_error_message(exc_info[1]) is not None)
+
+
+class _QuietConfigErrors(logging.Filter):
+    """Drop the traceback Beam logs for an exception that is a user's ConfigError: the CLI reports it as
+    one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _has_config_error(record.exc_info)
 
 
 if __name__ == "__main__":

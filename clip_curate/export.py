@@ -37,7 +37,8 @@ from typing import Any, Iterator, Sequence
 import fsspec
 import pyarrow.parquet as pq
 
-from clip_curate.fields import ConfigError
+from clip_curate.fields import ConfigError, OneLineParser
+from clip_curate.preflight import probe_output
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ def export_webdataset(input_path: str, output: str, *, shard_size: int = 10_000,
         raise ConfigError(f"--shard-size must be >= 1, got {shard_size}")
     rows = iter_rows(input_path, batch_rows)  # validates --input before anything is written
     first = next(rows, None)
+    probe_output(output, "--output", api="fsspec")  # a file, an unwritable directory or parent: one line
     fs, out = fsspec.core.url_to_fs(output)
     _check_output(fs, out, overwrite)
     result = ExportResult(output=output.rstrip("/"))
@@ -250,7 +252,7 @@ def export_webdataset(input_path: str, output: str, *, shard_size: int = 10_000,
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clip-curate export",
+    p = OneLineParser(prog="clip-curate export",
                                 description="Write curated rows as WebDataset tar shards for open_clip training.")
     p.add_argument("--input", required=True, help="curated Parquet: OUT/curated (or OUT, a file, a glob); any fsspec path")
     p.add_argument("--output", required=True, help="directory for NNNNN.tar shards, manifest.json, sizes.json")

@@ -187,15 +187,51 @@ def _key_index(classes: list[tuple[str, type]]) -> dict[str, type]:
     return index
 
 
+#: Largest ``--config`` file read (a config is a few hundred bytes to a few KB).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only) that refuses aliases (``*name``, ``<<: *name``): an alias
+    can expand a small file into an enormous document (the "billion laughs"), and a config never needs one."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"YAML alias *{event.anchor} at line {event.start_mark.line + 1}: aliases and "
+                              "anchors are not accepted in config files; write the value out")
+        return super().compose_node(parent, index)
+
+
+def parse_yaml_text(text: str, where: str) -> Any:
+    """Parse a small YAML document safely: plain data only, no aliases, no deep nesting (ConfigError)."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a config") from None
+
+
 def load_yaml_config(path: str, classes: list[tuple[str, type]]) -> tuple[dict[str, Any], list[str]]:
     """YAML file -> (values by field name, beam args). Raises ConfigError naming the bad key."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"--config: file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path} ({exc.strerror or exc})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--config {path}: larger than {MAX_CONFIG_BYTES // (1 << 20)} MB; a config file holds "
+                          "flag values, not data")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not UTF-8 text") from None
+    data = parse_yaml_text(text, f"--config {path}")
     if data is None:
         return {}, []
     if not isinstance(data, dict):
@@ -232,13 +268,38 @@ def _check_against_declared_schema(data: dict, path: str) -> None:
                 raise ConfigError(f"--config {path}: key '{raw_key}': {errors[0].message}")
 
 
+def _beam_scalar(value: Any, what: str, path: str) -> str:
+    if isinstance(value, bool) or value is None or isinstance(value, (int, float, str)):
+        text = "true" if value is True else "false" if value is False else "" if value is None else str(value)
+        if "\n" in text or len(text) > 4096:
+            raise ConfigError(f"--config {path}: 'beam' {what}: value too long or spans lines")
+        return text
+    raise ConfigError(f"--config {path}: 'beam' {what}: expected a scalar (text, number, true/false), got "
+                      f"{type(value).__name__}")
+
+
 def _beam_args_from_yaml(value: Any, path: str) -> list[str]:
+    """Beam flags from a config's ``beam:`` section: a list of ``--flag[=value]`` strings, or a mapping of
+    known Beam option names to scalars or lists of scalars (a list repeats the flag). Anything else, and any
+    option Beam does not know, is a ConfigError."""
     if isinstance(value, list):
-        return [str(v) for v in value]
-    if isinstance(value, dict):
+        out = [_beam_scalar(v, f"item {i + 1}", path) for i, v in enumerate(value)]
+    elif isinstance(value, dict):
         out = []
         for k, v in value.items():
-            flag = "--" + str(k).lstrip("-")
-            out.extend([flag] if v is True else [] if v is False else [f"{flag}={v}"])
-        return out
-    raise ConfigError(f"--config {path}: 'beam' must be a list of flags or a mapping")
+            if not isinstance(k, str) or not k.strip("-"):
+                raise ConfigError(f"--config {path}: 'beam' keys must be Beam option names, got {k!r}")
+            flag = "--" + k.lstrip("-")
+            items = v if isinstance(v, list) else [v]
+            for item in items:
+                if item is True:
+                    out.append(flag)
+                elif item is not False:
+                    out.append(f"{flag}={_beam_scalar(item, repr(k), path)}")
+    else:
+        raise ConfigError(f"--config {path}: 'beam' must be a list of flags or a mapping of Beam options")
+    try:
+        validate_beam_args(out)
+    except ConfigError as exc:
+        raise ConfigError(f"--config {path}: 'beam': {exc}") from None
+    return out

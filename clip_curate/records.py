@@ -8,6 +8,7 @@ plus any carried-through input columns. Stages add fields (``image_bytes`` trans
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 REJECTED_TAG = "rejected"
@@ -16,8 +17,9 @@ MAX_DETAIL_CHARS = 500
 
 # Fixed vocabulary: stage -> allowed reasons. Labels are bounded; free text goes into ``detail``.
 REASONS: dict[str, tuple[str, ...]] = {
-    "read": ("missing_url", "invalid_url", "source_failed", "unreadable_source", "corrupt_shard", "missing_image"),
-    "caption": ("missing_caption", "short_caption", "long_caption", "language", "unsafe_caption"),
+    "read": ("missing_url", "invalid_url", "source_failed", "unreadable_source", "corrupt_shard", "missing_image",
+             "bad_encoding"),
+    "caption": ("missing_caption", "short_caption", "long_caption", "language", "unsafe_caption", "invalid_text"),
     "download": (
         "http_404", "http_4xx", "http_5xx", "timeout", "too_large", "redirect_loop",
         "too_many_redirects", "blocked_address", "blocked_scheme", "not_image", "connection_error",
@@ -38,6 +40,27 @@ TRANSIENT_REASONS = ("timeout", "http_5xx", "connection_error", "dns_error", "ho
 
 # Fields that never go into the rejected table (large, transient).
 _DROP_ON_REJECT = ("image_bytes", "image")
+
+
+#: Characters no text value may hold: NUL and lone UTF-16 surrogates (a JSON ``"\\ud800"`` escape decodes to
+#: one; they cannot be encoded as UTF-8, so Beam's coders and Parquet refuse them).
+_INVALID_TEXT = re.compile("[\x00\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
+
+
+def text_problem(text: str) -> str | None:
+    """What makes ``text`` invalid (NUL or a lone surrogate, with its position), or None when it is valid."""
+    m = _INVALID_TEXT.search(text)
+    if m is None:
+        return None
+    what = "NUL" if m.group() == "\x00" else f"lone surrogate U+{ord(m.group()):04X}"
+    count = len(_INVALID_TEXT.findall(text))
+    return f"{what} at character {m.start()}" + (f" (and {count - 1} more invalid character(s))" if count > 1 else "")
+
+
+def repair_text(text: str) -> str:
+    """``text`` with every NUL and lone surrogate replaced by U+FFFD (valid text is returned unchanged)."""
+    return _INVALID_TEXT.sub(REPLACEMENT, text) if _INVALID_TEXT.search(text) else text
 
 
 def make_uid(url: str | None, caption: str | None) -> str:
@@ -70,5 +93,5 @@ def reject(row: dict[str, Any], stage: str, reason: str, detail: Any = "") -> di
     out["stage"] = stage
     out["reason"] = reason
     text = detail if isinstance(detail, str) else repr(detail)
-    out["detail"] = text[:MAX_DETAIL_CHARS]
+    out["detail"] = repair_text(text[:MAX_DETAIL_CHARS])
     return out

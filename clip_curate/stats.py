@@ -12,6 +12,10 @@ from apache_beam.io.filesystems import FileSystems
 
 from clip_curate import records
 
+#: Transient key of a rejected record that stands for a damaged input source (set by the Read transform,
+#: never written to Parquet); WriteStats lists these in stats.json ``damaged_sources``.
+DAMAGE_KEY = "damaged_source"
+
 log = logging.getLogger(__name__)
 
 
@@ -101,7 +105,18 @@ def format_summary(stats: dict[str, Any]) -> str:
         lines.append(f"{'wall time':<34}{wall:>9.1f}s  {n_in / max(wall, 1e-9):7.1f} rows/s")
     if "retried_rows" in stats:
         lines.append(f"{'retried rows recovered':<34}{stats['curated_rows']:>10} of {stats['retried_rows']}")
+    damaged = stats.get("damaged_sources", [])
+    if damaged:
+        lines.append(f"damaged input sources ({len(damaged)}; rows before the damage were read):")
+        lines.extend(f"  {d}" for d in damaged[:MAX_SUMMARY_DAMAGE])
+        if len(damaged) > MAX_SUMMARY_DAMAGE:
+            lines.append(f"  ... and {len(damaged) - MAX_SUMMARY_DAMAGE} more (stats.json damaged_sources)")
+    lines.extend(str(j) for j in stats.get("judgments", []))
     return "\n".join(lines)
+
+
+#: Damaged sources listed in the summary (stats.json lists every one).
+MAX_SUMMARY_DAMAGE = 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,13 +126,19 @@ def _join(base: str, *parts: str) -> str:
     return FileSystems.join(base.rstrip("/"), *parts)
 
 
-def _stats_record(_, out_dir: str, input_rows: int, curated_rows: int, rejected_by: list, extra: dict) -> None:
+def _stats_record(_, out_dir: str, input_rows: int, curated_rows: int, rejected_by: list, extra: dict,
+                  damaged: list | None = None) -> None:
     by: dict[str, dict[str, int]] = {}
     for (stage, reason), n in sorted(rejected_by):
         by.setdefault(stage, {})[reason] = n
     rejected = sum(n for _, n in rejected_by)
     stats = {"input_rows": input_rows, "curated_rows": curated_rows, "rejected_rows": rejected,
              "rejected_by": by, "timings": {}, **extra}
+    # Sources that could not be read to their end: this job's, and those an earlier job over the same output
+    # listed (a --resume, or the passes before this one of a --chunk-rows run, whose rows this job skips).
+    damaged = set(damaged or ()) | set(_earlier_damage(out_dir))
+    if damaged:
+        stats["damaged_sources"] = sorted(damaged)
     with FileSystems.create(_join(out_dir, "stats.json")) as f:
         f.write(json.dumps(stats, indent=2, sort_keys=True).encode())
 
@@ -138,13 +159,24 @@ class WriteStats(beam.PTransform):
               | "StageReason" >> beam.Map(lambda r: (r["stage"], r["reason"]))
               | "CountByReason" >> beam.combiners.Count.PerElement()
               | "AsList" >> beam.combiners.ToList())
+        damaged = (rejected
+                   | "Damaged" >> beam.FlatMap(lambda r: [r[DAMAGE_KEY]] if r.get(DAMAGE_KEY) else [])
+                   | "DamagedList" >> beam.combiners.ToList())
         return (
             n_in.pipeline
             | "Once" >> beam.Create([None])
             | "WriteStatsJson" >> beam.Map(
                 _stats_record, self._out_dir, beam.pvalue.AsSingleton(n_in), beam.pvalue.AsSingleton(n_cur),
-                beam.pvalue.AsSingleton(by), self._extra)
+                beam.pvalue.AsSingleton(by), self._extra, beam.pvalue.AsSingleton(damaged))
         )
+
+
+def _earlier_damage(out_dir: str) -> list[str]:
+    """``damaged_sources`` of the stats.json already in ``out_dir`` (none when there is none)."""
+    try:
+        return list(read_stats(out_dir).get("damaged_sources", []))
+    except Exception:  # noqa: BLE001 - no (readable) stats.json: nothing listed before
+        return []
 
 
 def read_stats(out_dir: str) -> dict[str, Any]:

@@ -7,11 +7,21 @@ in ``priority`` order; :class:`ReadUrlList` reads the planned splits in parallel
 
 A reader that finds a record it cannot turn into a row yields a :class:`ReadRejection` instead; the Read
 transform turns it into a ``read/<reason>`` rejected row, so no record is ever silently lost.
+
+Bad input never stops the Read (see docs/bad-input.md): a split that cannot be read to its end yields the
+rows read before the damage and one ``read/unreadable_source`` row naming the file and the position
+(``read_split``); captions holding NUL or lone surrogates are rejected ``caption/invalid_text``, URLs
+``read/invalid_url``, and other text values are repaired to U+FFFD (``clean_item``).
 """
 from __future__ import annotations
 
+import codecs
+import csv
 import dataclasses
 import logging
+import lzma
+import tarfile
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -22,6 +32,7 @@ from clip_curate import records
 from clip_curate import schemas as schema
 from clip_curate.fields import ConfigError, opt
 from clip_curate.stages.base import IMAGE, RAW_IMAGE
+from clip_curate.stats import DAMAGE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,11 @@ class ReaderConfig:
     uid_col: str = opt("uid", "input column with a stable id; when absent uid = sha256(url, caption)")
     retry_from: str | None = opt(None, "re-run the rows of a previous output OUT rejected for transient "
                                        f"reasons ({', '.join(records.TRANSIENT_REASONS)})")
+    input_encoding: str = opt("utf-8", "text encoding of CSV/TSV/JSONL inputs (any Python codec: utf-8, latin-1, "
+                                       "cp1252, utf-16 ...); rows not valid in it are rejected read/bad_encoding")
+    strict_input: bool = opt(False, "refuse the run (exit 2) when any input file cannot be read to its end, "
+                                    "after reading every split once before any work; off: the rows before the "
+                                    "damage are kept and the damage is a read/unreadable_source row")
 
     def __post_init__(self):
         if self.input and self.retry_from:
@@ -59,6 +75,11 @@ class ReaderConfig:
         for name in ("url_col", "caption_col"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} may not be empty")
+        try:
+            codecs.lookup(self.input_encoding)
+        except LookupError:
+            raise ConfigError(f"--input-encoding: unknown encoding {self.input_encoding!r}; name a Python codec "
+                              "such as utf-8, latin-1, cp1252 or utf-16") from None
 
 
 @dataclass(frozen=True)
@@ -101,11 +122,15 @@ class InputPlan:
 
 @dataclass(frozen=True)
 class ReadRejection:
-    """A record a reader could not turn into a row: becomes a rejected row ``read/<reason>``."""
+    """A record a reader could not turn into a row: becomes a rejected row ``<stage>/<reason>`` (stage
+    ``read``, or ``caption`` for ``invalid_text``). ``damage``: set when the record stands for a part of a
+    source that could not be read (listed in stats.json ``damaged_sources``; ``--strict-input`` refuses)."""
 
     row: dict[str, Any]   # uid, url, caption (and whatever else is known)
     reason: str
     detail: str
+    stage: str = "read"
+    damage: Optional[str] = None
 
     @property
     def uid(self) -> str:
@@ -180,9 +205,86 @@ def in_part(uid: str, part: tuple[int, int]) -> bool:
     return records.uid_hash(uid) % part[1] == part[0]
 
 
+def damage_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean a source's bytes are damaged (truncated compression, corrupt pages or blocks)."""
+    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error, lzma.LZMAError, pa.ArrowException,
+                                         tarfile.TarError, csv.Error, UnicodeError]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:  # fsspec reads .zst only with it
+        pass
+    return tuple(errors)
+
+
+DAMAGE_ERRORS = damage_errors()
+
+
+def split_where(split: Split) -> str:
+    """How a split is named in details: ``path`` or ``path row group N``."""
+    return split.path if split.row_group is None else f"{split.path} row group {split.row_group}"
+
+
+def damaged(where: str, what: str) -> ReadRejection:
+    """The rejection standing for the unreadable rest of a source: ``where`` names the file and position
+    (``file line 12``, ``file row group 1``), ``what`` says what went wrong."""
+    detail = " ".join(f"{where}: {what}".split())  # one line (parquet errors span several)
+    return ReadRejection({"uid": records.make_uid(where, None), "url": None, "caption": None},
+                         "unreadable_source", detail, damage=detail)
+
+
+def _guarded(split: Split, plan: InputPlan) -> Iterator[Any]:
+    """The reader's items of ``split``; damage a reader did not handle itself ends the split with a
+    :func:`damaged` record after the rows read before it."""
+    rows = 0
+    try:
+        for item in reader_for(split.fmt).read(split, plan):
+            rows += not isinstance(item, ReadRejection)
+            yield item
+    except DAMAGE_ERRORS as exc:
+        log.warning("input: %s cannot be read to its end after %d row(s): %s: %s; the rest is recorded as "
+                    "read/unreadable_source", split_where(split), rows, type(exc).__name__, exc)
+        yield damaged(split_where(split), f"unreadable after {rows} row(s) ({type(exc).__name__}: {exc})")
+
+
+def _repaired(row: dict[str, Any], counter=None) -> dict[str, Any]:
+    """``row`` with every text value holding NUL or a lone surrogate repaired to U+FFFD."""
+    out = row
+    for key, value in row.items():
+        if isinstance(value, str) and records.text_problem(value):
+            if out is row:
+                out = dict(row)
+            out[key] = records.repair_text(value)
+            if counter is not None:
+                counter.inc()
+    return out
+
+
+def clean_item(item: Any, counter=None) -> Any:
+    """Text no row may carry (NUL, lone surrogates: Beam's coders and Parquet refuse them) handled
+    before the row leaves the reader: a caption holding it -> ``caption/invalid_text``, a URL ->
+    ``read/invalid_url`` (both stored repaired, the problem in ``detail``); any other text value (carried
+    columns, ids) is repaired to U+FFFD and counted (``read_repaired_values``). The uid is computed from
+    the text as read, so valid text keeps its uid."""
+    if isinstance(item, ReadRejection):
+        row = _repaired(item.row)
+        detail = records.repair_text(item.detail)
+        return item if row is item.row and detail == item.detail else dataclasses.replace(
+            item, row=row, detail=detail)
+    for col, reason, stage in (("caption", "invalid_text", "caption"), ("url", "invalid_url", "read")):
+        value = item.get(col)
+        problem = records.text_problem(value) if isinstance(value, str) else None
+        if problem:
+            return ReadRejection(_repaired(item), reason, f"{col}: {problem} (stored with U+FFFD)", stage=stage)
+    return _repaired(item, counter)
+
+
 def read_split(split: Split, plan: InputPlan) -> Iterator[Any]:
-    """Rows (and :class:`ReadRejection` s) of one split, of this pass (``plan.part``)."""
-    items = reader_for(split.fmt).read(split, plan)
+    """Rows (and :class:`ReadRejection` s) of one split, of this pass (``plan.part``); never raises for
+    damaged bytes or invalid text (see the module docstring)."""
+    counter = beam.metrics.Metrics.counter(records.METRICS_NAMESPACE, "read_repaired_values")
+    items = (clean_item(item, counter) for item in _guarded(split, plan))
     if plan.part is not None:
         items = (item for item in items if in_part(item.uid if isinstance(item, ReadRejection) else item["uid"],
                                                    plan.part))
@@ -198,8 +300,10 @@ class _ValidateRow(beam.DoFn):
     def process(self, row):
         self._read.inc()
         if isinstance(row, ReadRejection):
-            yield beam.pvalue.TaggedOutput(records.REJECTED_TAG,
-                                           records.reject(row.row, "read", row.reason, row.detail))
+            rejected = records.reject(row.row, row.stage, row.reason, row.detail)
+            if row.damage:
+                rejected[DAMAGE_KEY] = row.damage  # transient: listed in stats.json damaged_sources
+            yield beam.pvalue.TaggedOutput(records.REJECTED_TAG, rejected)
         elif (row.get("image_bytes") is not None or row.get("image") is not None
               or row.get("image_embedding") is not None):
             yield row  # pool rows hold their image (or, re-filtered, its embedding); a URL is optional

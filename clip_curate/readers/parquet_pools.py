@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_curate.fields import ConfigError
-from clip_curate.readers.base import InputPlan, Reader, ReaderConfig, Split, as_text, register_reader
+from clip_curate.readers.base import DAMAGE_ERRORS, InputPlan, Reader, ReaderConfig, Split, as_text, register_reader
 from clip_curate.readers.pools import (
     PEEK,
     SUCCESS,
@@ -31,6 +31,7 @@ from clip_curate.readers.pools import (
     pool_plan,
     reject_read,
     rel_path,
+    unify_schemas,
 )
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,15 @@ def _plan_parquet(cfg: ReaderConfig, fmt: str, files: list[tuple[str, int]]) -> 
     paths = [p for p, _ in files if p.endswith((".parquet", ".pq"))]
     if not paths:
         raise ConfigError(f"--input-format {fmt}: no .parquet files in {cfg.input!r}")
-    try:
-        sch = parquet_schema(paths[0])
-    except (OSError, pa.ArrowException) as exc:
-        raise ConfigError(f"cannot read parquet {paths[0]!r}: {exc}") from None
+    sch = first_error = None
+    for path in paths[:PEEK]:
+        try:
+            sch = parquet_schema(path)
+            break
+        except DAMAGE_ERRORS as exc:
+            first_error = first_error or f"{path!r}: {exc}"
+    if sch is None:
+        raise ConfigError(f"cannot read parquet {first_error}")
     col = image_column(sch, cfg.image_col)
     if col is None:
         binaries = [f.name for f in sch if pa.types.is_binary(f.type) or is_image_struct(f.type)]
@@ -74,25 +80,31 @@ def _plan_parquet(cfg: ReaderConfig, fmt: str, files: list[tuple[str, int]]) -> 
     skip = {cfg.url_col, cfg.caption_col, col} | ({uid_col} if uid_col else set())
     if fmt == "img2dataset-parquet" and "txt" in sch.names and cfg.caption_col != "txt":
         skip.add("txt")  # img2dataset's copy of the caption
-    extra, renames = carry(sch, skip)
-    splits, estimated = [], 0
+    splits, estimated, schemas, read = [], 0, [], 0
     many = len(paths) > PEEK  # then one split per file, and no footer read per file at planning time
     for path in paths[:PEEK] if many else paths:
         try:
             with fsspec.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
                 meta, other = pf.metadata, pf.schema_arrow
-        except (OSError, pa.ArrowException) as exc:
-            raise ConfigError(f"cannot read parquet {path!r}: {exc}") from None
+        except DAMAGE_ERRORS as exc:
+            log.warning("input: cannot read the footer of %s (%s: %s); it is recorded as read/unreadable_source",
+                        path, type(exc).__name__, exc)
+            if not many:
+                splits.append(Split(path, fmt))
+            continue
         if col not in other.names:
             raise ConfigError(f"{path}: no image column {col!r} (the first file has it); "
                               "point --input at files of one layout")
+        schemas.append([f for f in other if f.name != col])
         estimated += meta.num_rows
+        read += 1
         if not many:
             splits.extend(Split(path, fmt, i) for i in range(meta.num_row_groups) if meta.row_group(i).num_rows)
     if many:
-        estimated = int(estimated / PEEK * len(paths))
+        estimated = int(estimated / max(read, 1) * len(paths))
         splits = [Split(p, fmt) for p in paths]
+    extra, renames = carry(unify_schemas(schemas, f"the files of {cfg.input!r}"), skip)
     if estimated == 0:
         raise ConfigError(f"input {cfg.input!r} is empty (no rows)")
     log.info("input: %s pool: image column %r (%s), caption %r, %d file(s), carried columns: %s",

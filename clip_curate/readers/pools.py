@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import apache_beam as beam
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -175,46 +176,145 @@ def carry(fields: Iterable[pa.Field], skip: set[str], keep_names: bool = False
         if f.name in skip or f.name.startswith("__"):
             continue
         out = f.name if keep_names or f.name not in RESERVED else f"input_{f.name}"
-        t = f.type
-        if pa.types.is_struct(t) or pa.types.is_list(t) or pa.types.is_map(t) or pa.types.is_null(t):
-            t = pa.string()  # nested values are carried as JSON text
-        extra.append(pa.field(out, t))
+        extra.append(pa.field(out, column_type(f.type)))
         renames.append((f.name, out))
     return tuple(extra), tuple(renames)
 
 
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _nested(t: pa.DataType) -> bool:
+    return (pa.types.is_struct(t) or pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_map(t)
+            or pa.types.is_fixed_size_list(t))
+
+
+def column_type(t: pa.DataType) -> pa.DataType:
+    """The type a carried column is written as: nested values and nulls as (JSON) text, dictionary columns as
+    their values' type."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.string() if _nested(t) or pa.types.is_null(t) else t
+
+
 def json_type(v: Any) -> pa.DataType:
+    """Arrow type of one JSON value: integers beyond int64 and nested values are carried as text."""
     if isinstance(v, bool):
         return pa.bool_()
     if isinstance(v, int):
-        return pa.int64()
+        return pa.int64() if _INT64[0] <= v <= _INT64[1] else pa.string()
     if isinstance(v, float):
         return pa.float64()
     return pa.string()
 
 
-def _coerce(value: Any, t: pa.DataType) -> Any:
-    """A carried value fitted to its declared column type (None when it cannot be)."""
+def unify_types(types: Iterable[pa.DataType]) -> tuple[pa.DataType, bool]:
+    """(the one type of a column whose files or rows hold ``types``, whether they disagreed so that the column
+    falls back to string). Types merge by pyarrow's permissive promotion (int32 + int64 -> int64, int64 +
+    double -> double); a merge that fails, or one that would squeeze uint64 into int64, gives string."""
+    seen = list(dict.fromkeys(column_type(t) for t in types if not pa.types.is_null(t)))
+    if not seen:
+        return pa.string(), False
+    if len(seen) == 1:
+        return seen[0], False
+    try:
+        t = pa.unify_schemas([pa.schema([("v", t)]) for t in seen], promote_options="permissive").field("v").type
+    except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pa.string(), True
+    if pa.types.is_integer(t) and any(pa.types.is_uint64(x) for x in seen) and not pa.types.is_uint64(t):
+        return pa.string(), True
+    return column_type(t), False
+
+
+def unify_columns(types_by_name: dict[str, Iterable[pa.DataType]], where: str) -> list[pa.Field]:
+    """One field per column (in first-seen order) from the types each file or row gave it; a column whose
+    types disagree is carried as string, and the log names it."""
+    out = []
+    for name, types in types_by_name.items():
+        types = list(types)
+        t, fell_back = unify_types(types)
+        if fell_back:
+            log.warning("input: column %r holds values of types %s across %s; carried as string (JSON text for "
+                        "nested values, decimal text for integers beyond int64)", name,
+                        ", ".join(sorted({str(column_type(x)) for x in types if not pa.types.is_null(x)})), where)
+        out.append(pa.field(name, t))
+    return out
+
+
+def unify_schemas(schemas: Iterable[Iterable[pa.Field]], where: str) -> list[pa.Field]:
+    """:func:`unify_columns` over the fields of several files' schemas."""
+    types: dict[str, list[pa.DataType]] = {}
+    for fields in schemas:
+        for f in fields:
+            types.setdefault(f.name, []).append(f.type)
+    return unify_columns(types, where)
+
+
+def _int_range(t: pa.DataType) -> tuple[int, int]:
+    bits = t.bit_width
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if pa.types.is_signed_integer(t) else (0, (1 << bits) - 1)
+
+
+_UNFIT = (None, False)
+
+
+def fit_value(value: Any, t: pa.DataType) -> tuple[Any, bool]:
+    """``(value fitted to the planned column type t, True)``, or ``(None, False)`` when it cannot be one
+    (the value is then written as null and counted): the writer never fails on a value this returns.
+
+    To string: text as is, nested values as JSON text, integers as decimal text, booleans as true/false.
+    To integer: integers in range, integral floats, decimal text. To float: numbers, numeric text."""
     if value is None:
-        return None
+        return None, True
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         if isinstance(value, str):
-            return value
-        if isinstance(value, (dict, list)):
-            return json.dumps(value, sort_keys=True, default=str)
-        return str(value)
+            return value, True
+        if isinstance(value, (dict, list, tuple, bool)):
+            return json.dumps(value, sort_keys=True, default=str), True
+        if isinstance(value, bytes):
+            return value.decode("utf-8", "replace"), True
+        return str(value), True
     try:
         if pa.types.is_boolean(t):
-            return bool(value)
+            return (value, True) if isinstance(value, bool) else _UNFIT
         if pa.types.is_integer(t):
-            return int(value)
+            if isinstance(value, bool):
+                return _UNFIT
+            if isinstance(value, float):
+                if not value.is_integer():
+                    return _UNFIT
+                value = int(value)
+            elif isinstance(value, str):
+                value = int(value.strip())
+            elif not isinstance(value, int):
+                return _UNFIT
+            lo, hi = _int_range(t)
+            return (value, True) if lo <= value <= hi else _UNFIT
         if pa.types.is_floating(t):
-            return float(value)
-    except (TypeError, ValueError):
-        return None
-    if isinstance(value, (dict, list)):  # a nested column declared as string above
-        return json.dumps(value, sort_keys=True, default=str)
-    return value
+            if isinstance(value, bool):
+                return _UNFIT
+            if isinstance(value, (int, float, str)):
+                return float(value), True
+            return _UNFIT
+        if _nested(t) and isinstance(value, (dict, list)):  # declared nested elsewhere: written as JSON text
+            return json.dumps(value, sort_keys=True, default=str), True
+        pa.scalar(value, type=t)
+        return value, True
+    except (TypeError, ValueError, OverflowError, pa.ArrowException):
+        return _UNFIT
+
+
+def carried_values(raw: dict[str, Any], renames: Iterable[tuple[str, str]], types: dict[str, pa.DataType]
+                   ) -> dict[str, Any]:
+    """The carried columns of one input record, each value fitted to its planned type; a value that does
+    not fit is written as null and counted (counter ``read_unfit_values/<column>``)."""
+    out = {}
+    for src, dst in renames:
+        value, ok = fit_value(raw.get(src), types[dst])
+        if not ok:
+            beam.metrics.Metrics.counter(records.METRICS_NAMESPACE, f"read_unfit_values/{dst}").inc()
+        out[dst] = value
+    return out
 
 
 def make_row(plan: InputPlan, opts: PoolOptions, meta: dict[str, Any], caption: str | None, where: str) -> dict[str, Any]:
@@ -224,9 +324,7 @@ def make_row(plan: InputPlan, opts: PoolOptions, meta: dict[str, Any], caption: 
     uid = as_text(meta.get(plan.uid_col)) if plan.uid_col else None
     row = {"uid": uid or records.make_uid(url if url else where, caption),
            "url": url.strip() if url else None, "caption": caption}
-    types = dict(opts.types)
-    for src, dst in plan.extra_renames:
-        row[dst] = _coerce(meta.get(src), types[dst])
+    row.update(carried_values(meta, plan.extra_renames, dict(opts.types)))
     return row
 
 

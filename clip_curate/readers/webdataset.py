@@ -24,7 +24,16 @@ import pyarrow.parquet as pq
 
 from clip_curate import records
 from clip_curate.fields import ConfigError
-from clip_curate.readers.base import InputPlan, Reader, ReaderConfig, ReadRejection, Split, as_text, register_reader
+from clip_curate.readers.base import (
+    DAMAGE_ERRORS,
+    InputPlan,
+    Reader,
+    ReaderConfig,
+    ReadRejection,
+    Split,
+    as_text,
+    register_reader,
+)
 from clip_curate.readers.pools import (
     PEEK,
     SUCCESS,
@@ -38,6 +47,8 @@ from clip_curate.readers.pools import (
     pool_plan,
     reject_read,
     rel_path,
+    unify_columns,
+    unify_schemas,
 )
 
 log = logging.getLogger(__name__)
@@ -59,7 +70,7 @@ class WebDatasetOptions(PoolOptions):
 
 def _sample_meta_fields(tar_path: str, limit: int = 64) -> tuple[list[pa.Field], int, int]:
     """(json fields, samples seen, bytes they span) from the first samples of a shard."""
-    fields: dict[str, pa.DataType] = {}
+    types: dict[str, list[pa.DataType]] = {}
     n = span = 0
     try:
         for sample in _iter_tar(tar_path, report=lambda *a: None):
@@ -67,13 +78,14 @@ def _sample_meta_fields(tar_path: str, limit: int = 64) -> tuple[list[pa.Field],
             span = sample["end"]
             meta = sample["meta"] or {}
             for k, v in meta.items():
-                if k not in fields or fields[k] == pa.null():
-                    fields[k] = json_type(v) if v is not None else pa.null()
+                kinds = types.setdefault(k, [])
+                if v is not None and json_type(v) not in kinds:
+                    kinds.append(json_type(v))
             if n >= limit:
                 break
-    except (OSError, tarfile.TarError):
+    except DAMAGE_ERRORS:
         pass
-    return [pa.field(k, t if t != pa.null() else pa.string()) for k, t in fields.items()], n, span
+    return unify_columns(types, f"the samples' .json of {tar_path}"), n, span
 
 
 def _plan_webdataset(cfg: ReaderConfig, files: list[tuple[str, int]]) -> InputPlan:
@@ -83,12 +95,14 @@ def _plan_webdataset(cfg: ReaderConfig, files: list[tuple[str, int]]) -> InputPl
     names = {p for p, _ in files}
     meta_of = {p: p[:-4] + ".parquet" for p, _ in tars if p[:-4] + ".parquet" in names}
     if meta_of:
-        first_meta = meta_of[tars[0][0]] if tars[0][0] in meta_of else next(iter(meta_of.values()))
-        try:
-            sch = parquet_schema(first_meta)
-        except (OSError, pa.ArrowException) as exc:
-            raise ConfigError(f"cannot read img2dataset metadata {first_meta!r}: {exc}") from None
-        fields = list(sch)
+        metas = [meta_of[p] for p, _ in tars if p in meta_of][:PEEK]
+        schemas = []
+        for path in metas:
+            try:
+                schemas.append(list(parquet_schema(path)))
+            except DAMAGE_ERRORS as exc:
+                raise ConfigError(f"cannot read img2dataset metadata {path!r}: {exc}") from None
+        fields = unify_schemas(schemas, f"the metadata parquet files of {cfg.input!r}")
     else:
         fields, _, _ = _sample_meta_fields(tars[0][0])
     names_ = [f.name for f in fields]
@@ -246,6 +260,8 @@ def _read_tar_split(path: str, plan: InputPlan, opts: PoolOptions) -> Iterator[d
             yield reject_read(row, "source_failed", as_text(raw.get("error_message")) or f"img2dataset status "
                                                                                      f"{raw.get('status')!r}")
     regions: list[tuple[int, int, str]] = []
+    # One damaged_sources entry per damaged shard (its corrupt_shard rows give each sample and byte range).
+    damage = f"{path}: damaged tar shard (see its read/corrupt_shard rows)"
     want = opts.image_ext
     usual: set[str] | None = None  # members of an intact sample of this shard
     explained: set[int] = set()    # regions whose lost members belong to a sample rejected by name
@@ -273,9 +289,9 @@ def _read_tar_split(path: str, plan: InputPlan, opts: PoolOptions) -> Iterator[d
             # The unreadable stretch next to this sample held its lost members: it is accounted by this row.
             explained.update(i for i, (a, b, why) in enumerate(regions)
                              if why == _CORRUPT_HEADER and (b == sample["start"] or a == sample["end"]))
-            yield reject_read(row, "corrupt_shard", f"{rel}: sample {key} at byte {sample['start']} is damaged "
+            yield ReadRejection(row, "corrupt_shard", f"{rel}: sample {key} at byte {sample['start']} is damaged "
                                                 f"({_describe(regions)}); members read: {sorted(files) or 'none'}"
-                                                + (f", lost: {lost}" if lost else ""))
+                                                + (f", lost: {lost}" if lost else ""), damage=damage)
         else:
             yield reject_read(row, "missing_image", f"{rel}: sample {key} has no image member "
                                                 f"(.{want or '/.'.join(IMAGE_EXTS[:4])}); members: {sorted(files)}")
@@ -284,9 +300,10 @@ def _read_tar_split(path: str, plan: InputPlan, opts: PoolOptions) -> Iterator[d
     # Samples img2dataset wrote that the tar no longer holds: named by the metadata parquet.
     for key, raw in expected.items():
         row = make_row(plan, opts, raw, as_text(raw.get(plan.caption_col)), f"{rel}/{key}")
-        yield reject_read(row, "corrupt_shard", f"{rel}: sample {key} is listed as written in "
-                                            f"{posixpath.basename(metadata[path])} but is not readable from the "
-                                            f"tar ({_describe(regions) or 'missing'})")
+        yield ReadRejection(row, "corrupt_shard", f"{rel}: sample {key} is listed as written in "
+                                                f"{posixpath.basename(metadata[path])} but is not readable from the "
+                                                f"tar ({_describe(regions) or 'missing'})",
+                            damage=damage if regions else None)
     if not metadata.get(path):
         # Without metadata the samples inside an unreadable stretch cannot be named: one row per stretch.
         for i, (start, end, why) in enumerate(regions):
@@ -295,7 +312,7 @@ def _read_tar_split(path: str, plan: InputPlan, opts: PoolOptions) -> Iterator[d
             where = f"{rel}@{start}"
             yield ReadRejection({"uid": records.make_uid(where, None), "url": None, "caption": None},
                                 "corrupt_shard", f"{rel}: bytes {start}..{end} unreadable ({why}); the samples "
-                                                 "stored there (count unknown) are lost")
+                                                 "stored there (count unknown) are lost", damage=damage)
 
 
 def _describe(regions: list[tuple[int, int, str]]) -> str:

@@ -4,6 +4,8 @@ Caption rules, in this order, first failure wins (stage ``caption``):
 
 =================  ===========================================================================
 ``missing_caption``  caption is null, empty or whitespace
+``invalid_text``     caption holds NUL or a lone UTF-16 surrogate (the reader already rejects these,
+                     with this reason, before the row leaves the Read step; see docs/bad-input.md)
 ``short_caption``    fewer than ``--min-caption-words`` whitespace-separated words
 ``long_caption``     more than ``--max-caption-chars`` characters
 ``language``         detected language not in ``--languages`` (undetermined counts as not in it)
@@ -18,6 +20,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from clip_curate import records
 from clip_curate.fields import ConfigError, opt
 from clip_curate.stages.base import RowFilter, RowStage, Stage, Verdict, register
 
@@ -119,6 +122,9 @@ def caption_verdict(caption: Any, cfg: CaptionConfig, detector=None) -> tuple[st
     if caption is None or not str(caption).strip():
         return None, "missing_caption", "caption is empty" if caption is not None else "caption is null"
     text = str(caption)
+    problem = records.text_problem(text)
+    if problem:
+        return None, "invalid_text", f"caption: {problem}"
     language = detect_language(text, detector) if detector is not None and cfg.detect_language else None
     if cfg.min_caption_words:
         words = len(text.split())
@@ -139,6 +145,9 @@ class _CaptionRules(RowFilter):
 
     def judge(self, row):
         language, reason, detail = caption_verdict(row.get("caption"), self.config, self._detector)
+        if reason == "invalid_text":  # stored repaired: Beam's coders and Parquet cannot hold it
+            return Verdict({**row, "language": None, "caption": records.repair_text(row["caption"])}, reason,
+                           detail + " (stored with U+FFFD)")
         return Verdict({**row, "language": language}, reason, detail)
 
 
