@@ -227,8 +227,9 @@ def bin_index(value: float, edges: Sequence[float]) -> int:
 
 
 def clip_fine_bin(score: float) -> int:
-    """Fine bin of a clip_score: ``floor((score + 1) / CLIP_FINE_STEP)`` within [0, CLIP_FINE_BINS - 1]."""
-    return min(max(int(math.floor((score + 1.0) / CLIP_FINE_STEP + 1e-9)), 0), CLIP_FINE_BINS - 1)
+    """Fine bin of a clip_score: ``floor((score + 1) / CLIP_FINE_STEP)`` within [0, CLIP_FINE_BINS - 1].
+    A score within 5e-7 below an edge counts as on it, so a float32 copy (Parquet) bins like the float64."""
+    return min(max(int(math.floor((score + 1.0) / CLIP_FINE_STEP + 1e-4)), 0), CLIP_FINE_BINS - 1)
 
 
 def clip_bins(fine_bins: Sequence[int]) -> tuple[list[float], float, Any]:
