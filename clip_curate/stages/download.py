@@ -607,6 +607,8 @@ class _Engine:
                                         cfg.allow_private_addresses, cfg.allow_networks)
         connector = aiohttp.TCPConnector(limit=cfg.threads * 2, limit_per_host=cfg.per_host_connections + 1,
                                          use_dns_cache=False, resolver=self.resolver, ttl_dns_cache=None)
+        # auto_decompress stays off: aiohttp would inflate before --max-bytes is counted; BodyDecoder
+        # undoes gzip/deflate itself and caps the decoded size while it streams.
         self.session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, trust_env=False,
             headers={"User-Agent": cfg.user_agent, "Accept": "image/avif,image/webp,image/*,*/*;q=0.8",
