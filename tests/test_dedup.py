@@ -395,6 +395,7 @@ def test_decontamination_from_parquet_embeddings_and_dimension_mismatch(tmp_path
 # The synthetic world (exact and near duplicates, eval leaks, ground truth)
 
 
+@pytest.mark.slow
 def test_world_duplicates_and_eval_leaks(tmp_path, run_dedup):
     w = world.generate_world(400, seed=11, dup_exact=0.05, dup_near=0.08, eval_leak=0.04, eval_size=24)
     w.write_eval_dir(tmp_path / "eval")

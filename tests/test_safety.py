@@ -274,6 +274,7 @@ def _synthetic_model_config():
     return ModelConfig(clip_model="synthetic-tiny")
 
 
+@pytest.mark.slow
 def test_concept_check_on_synthetic_world(run_safety):
     """The world's unsafe motif (blood splatter) is found by the concept check with its own prompts."""
     model_config = _synthetic_model_config()

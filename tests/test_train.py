@@ -248,6 +248,7 @@ def shipped():
     return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{d}")
 
 
+@pytest.mark.slow
 def test_shipped_model_separates_matched_from_mismatched_on_a_fresh_world(shipped):
     model, preprocess, tokenizer = shipped
     world = W.generate_world(300, seed=4242, mismatch_random=0.25, mismatch_hard=0.25, dup_exact=0, dup_near=0,
@@ -265,6 +266,7 @@ def test_shipped_model_separates_matched_from_mismatched_on_a_fresh_world(shippe
     assert auc_hard >= 0.93, auc_hard  # measured 0.96 (held-out figure in training.json: 0.979)
 
 
+@pytest.mark.slow
 def test_shipped_model_knows_the_unsafe_concept(shipped):
     model, preprocess, tokenizer = shipped
     rng = np.random.default_rng(77)

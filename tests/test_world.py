@@ -236,6 +236,7 @@ def test_bad_fractions_are_errors():
         W.generate_world(0, seed=1)
 
 
+@pytest.mark.slow
 def test_scene_pairs_are_deterministic_and_parallel_equals_serial():
     a = W.scene_pairs(300, seed=2)
     b = W.scene_pairs(300, seed=2, workers=2)
@@ -281,6 +282,7 @@ def test_hard_weights_steer_the_changed_attribute():
     assert len({p.hard_attribute for p in uniform}) == 4
 
 
+@pytest.mark.slow
 def test_scene_twin_is_the_same_scene_with_one_attribute_changed():
     pairs = W.scene_pairs(30, seed=6, twins=True, hard_weights={"shape": 0.5, "count": 0.5})
     assert pairs[:30] == W.scene_pairs(30, seed=6, hard_weights={"shape": 0.5, "count": 0.5})
