@@ -183,11 +183,12 @@ def _rejected(path: str, lineno: int, reason: str, what: str) -> ReadRejection:
     return ReadRejection({"uid": records.make_uid(detail, None), "url": None, "caption": None}, reason, detail)
 
 
-def _peek_text(path: str, fmt: str, encoding: str, limit: int = PEEK_ROWS
+def _peek_text(path: str, fmt: str, encoding: str, limit: int | None = None
                ) -> tuple[dict[str, list[pa.DataType]], int, int]:
     """(column -> the types its values have, rows peeked, characters they span) of a text file's first rows.
     CSV columns are text; JSON values give their own types (nested values and integers beyond int64: text).
     A file damaged after some rows gives what was read before the damage."""
+    limit = limit or PEEK_ROWS
     types: dict[str, list[pa.DataType]] = {}
     chars = [0]
     count = [0, 0]  # rows, lines that are no JSON object
