@@ -94,7 +94,7 @@ def run_transform(rows, transform, *, options=(), via_file=False, reshuffle=Fals
 
 @pytest.fixture(scope="session", name="run_transform")
 def run_transform_fixture():
-    """:func:`run_transform`: ``run_transform(rows, transform, options=..., ...) -> Ran(kept, rejected, counters, wall)``."""
+    """:func:`run_transform`: ``run_transform(rows, transform, options=...) -> Ran(kept, rejected, counters, wall)``."""
     return run_transform
 
 
@@ -142,9 +142,10 @@ def serve_world(directory, n, seed, *, routes=None, delay_s=0.0, include_uid=Tru
     """Generate ``generate_world(n, seed, **world_kwargs)``, serve it on 127.0.0.1 and write its URL list to
     ``directory/urls.parquet``; yields a :class:`ServedWorld` while the server runs.
 
-    ``routes``: extra routes (``fault_routes()``...), under the world's own. ``delay_s``: every image answer
-    waits that long. ``include_uid``/``columns``: which columns of ``World.to_url_table`` the URL list keeps.
-    ``faults``: paths appended to the list as ``<path>?i=<i>`` with caption ``fault_caption.format(i=i)``.
+    ``routes``: extra routes (``fault_routes()``...), under the world's own. ``delay_s``: every answer with a
+    body (status 200) waits that long. ``include_uid``/``columns``: which columns of ``World.to_url_table``
+    the URL list keeps. ``faults``: paths appended to the list as ``<path>?i=<i>``, captioned
+    ``fault_caption.format(i=i)``.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
