@@ -134,11 +134,13 @@ def _has_config_error(exc_info) -> bool:
 
 
 class _QuietConfigErrors(logging.Filter):
-    """Drop the traceback Beam logs for an exception that is a user's ConfigError: the CLI reports it as
-    one line."""
+    """Drop the tracebacks Beam logs for an exception that is a user's ConfigError (in this process, or echoed
+    from a worker process as text): the CLI reports it as one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not _has_config_error(record.exc_info)
+        if _has_config_error(record.exc_info):
+            return False
+        return record.levelno < logging.ERROR or "clip_curate.fields.ConfigError: " not in record.getMessage()
 
 
 if __name__ == "__main__":
