@@ -539,3 +539,39 @@ def test_row_yaml_alias_bomb_in_the_beam_section(tmp_path, capsys):
     err = _refused(capsys, "--config", cfg, "--input", surrogate_jsonl(tmp_path), "--output", tmp_path / "out",
                    *CAPTION_ONLY, says="aliases and anchors are not accepted")
     assert len(err) < 300 and not (tmp_path / "out").exists()
+
+
+def _tar(path: Path, samples: list[tuple[str, dict, bytes]]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for key, meta, image in samples:
+            for name, data in ((f"{key}.jpg", image), (f"{key}.json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def test_pool_columns_unify_and_a_damaged_shard_is_one_damaged_source(tmp_path, jpeg):
+    image = jpeg(1)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    metas = [{"url": f"http://a.test/{i}.jpg", "caption": f"c{i}", "n": i if i % 2 else f"n{i}"} for i in range(6)]
+    _tar(shards / "00000.tar", [(f"{i:05d}", m, image) for i, m in enumerate(metas)])
+    data = (shards / "00000.tar").read_bytes()
+    (shards / "00001.tar").write_bytes(data[: len(data) // 2 + 100])  # truncated mid-sample
+    plan, items = _items(shards)
+    assert dict((f.name, f.type) for f in plan.extra_fields)["n"] == pa.string()
+    rows, bad = [i for i in items if isinstance(i, dict)], _rejections(items)
+    assert sorted({r["n"] for r in rows}) == ["1", "3", "5", "n0", "n2", "n4"]
+    assert bad and {b.reason for b in bad} == {"corrupt_shard"}
+    assert {b.damage for b in bad} == {f"{shards / '00001.tar'}: damaged tar shard (see its read/corrupt_shard rows)"}
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for name, n in (("a", pa.array([1], pa.int64())), ("b", pa.array(["two"]))):
+        pq.write_table(pa.table({"image": pa.array([image], pa.binary()), "caption": ["c"], "n": n}),
+                       hf / f"{name}.parquet")
+    plan, items = _items(hf, input_format="hf-parquet")
+    assert dict((f.name, f.type) for f in plan.extra_fields)["n"] == pa.string()
+    assert sorted(r["n"] for r in items) == ["1", "two"]
