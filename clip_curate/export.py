@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from clip_curate.fields import ConfigError, OneLineParser
 from clip_curate.preflight import probe_output
+from clip_curate.schemas import image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> N
 def sample_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
     """``[(name, bytes)]`` tar members of one curated row (image, caption, metadata JSON)."""
     key = sample_key(row["uid"])
-    image = bytes(row["image"])
+    image = image_bytes(row["image"])
     meta = {k: _jsonable(v) for k, v in row.items() if k not in EXCLUDED_META}
     meta["key"] = key
     return [
@@ -167,11 +168,15 @@ def _check_output(fs: fsspec.AbstractFileSystem, out: str, overwrite: bool) -> N
     if fs.exists(out) and not fs.isdir(out):
         raise ConfigError(f"--output {out!r} is a file; pass a directory")
     if fs.isdir(out):
-        old = [p for p in fs.ls(out, detail=False) if p.endswith(".tar") or p.endswith(MANIFEST_FILE)]
-        if old and not overwrite:
-            raise ConfigError(f"--output {out!r} already holds shards; pass an empty directory or --overwrite")
-        for p in old:
-            fs.rm(p)
+        entries = [p for p in fs.ls(out, detail=False)
+                   if not posixpath.basename(p.rstrip("/")).startswith(".clip-curate-write-probe-")]
+        if entries and not overwrite:
+            shown = ", ".join(posixpath.basename(p.rstrip("/")) for p in entries[:4]) + (", ..." if len(entries) > 4 else "")
+            raise ConfigError(f"--output {out!r} is not empty ({shown}); pass --overwrite to replace its shards, or "
+                              "an empty directory")
+        for p in entries:  # the shards, manifest and sizes of an earlier export
+            if p.endswith((".tar", MANIFEST_FILE, SIZES_FILE)):
+                fs.rm(p)
     fs.makedirs(out, exist_ok=True)
 
 
@@ -209,7 +214,7 @@ def export_webdataset(input_path: str, output: str, *, shard_size: int = 10_000,
 
     try:
         for row in all_rows():
-            if not row.get("image"):
+            if not image_bytes(row.get("image")):
                 result.skipped["no_image"] = result.skipped.get("no_image", 0) + 1
                 continue
             if tar is None or result.counts[-1] >= shard_size:

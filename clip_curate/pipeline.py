@@ -24,7 +24,7 @@ from clip_curate.resume import SkipExisting
 from clip_curate.schemas import curated_schema, rejected_schema
 from clip_curate.stages.base import StageContext, get, plan_stages, registered
 from clip_curate.stats import WriteStats
-from clip_curate.writers import WriteParquetTable, join, shard_count
+from clip_curate.writers import WriteParquetTable, embedding_dim, join, shard_count
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,14 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
     store = cfg.output.store_embeddings
     extra_fields = plan.extra_fields
     n_cur = shard_count(plan.estimated_rows, cfg.output.shard_rows)
-    rows | "WriteCurated" >> WriteParquetTable(join(out, "curated"), curated_schema(extra_fields, store), n_cur,
-                                               shard_prefix, "curated_rows")
-    all_rejected | "WriteRejected" >> WriteParquetTable(join(out, "rejected"), rejected_schema(extra_fields, store),
-                                                        n_cur, shard_prefix, "rejected_rows")
+    # embeddings: fixed_size_list<float32>[d], d from the model's config; no model, no embedding columns
+    dim = embedding_dim(cfg.model) if cfg.model is not None and store else None
+    shapes = dict(store_embeddings=store, embed_dim=dim, embeddings=cfg.model is not None)
+    codec = cfg.output.parquet_compression
+    rows | "WriteCurated" >> WriteParquetTable(join(out, "curated"), curated_schema(extra_fields, **shapes), n_cur,
+                                               shard_prefix, "curated_rows", codec)
+    all_rejected | "WriteRejected" >> WriteParquetTable(join(out, "rejected"), rejected_schema(extra_fields, **shapes),
+                                                        n_cur, shard_prefix, "rejected_rows", codec)
     stats_extra: dict[str, Any] = {"stages": list(enabled), "input_format": plan.fmt}
     if identity is not None:
         stats_extra["embedding"] = identity

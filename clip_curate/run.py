@@ -23,6 +23,7 @@ from clip_curate.preflight import preflight
 from clip_curate.readers.base import plan_input
 from clip_curate.resume import SUBDIRS, existing_output_uids, final_shards, prepare_resume
 from clip_curate.stats import finish_stats, format_summary
+from clip_curate.writers import claim_output
 
 log = logging.getLogger("clip_curate")
 
@@ -41,6 +42,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     preflight(cfg, plan)                          # the output can be written; the input can be read
     check_environment(cfg)                        # e.g. model exists, before any download work
     passes = plan_passes(cfg, plan.estimated_rows)
+    claim_output(cfg.output.output, resume=cfg.run.resume, overwrite=cfg.output.overwrite)  # empty, or cleared
     if passes > 1 and test_pipeline is not None:
         raise ValueError("--chunk-rows runs one pipeline per pass; it cannot use a given test pipeline")
     options = PipelineOptions(beam_args)

@@ -19,6 +19,58 @@ from clip_curate.fields import ConfigError, opt
 log = logging.getLogger(__name__)
 
 
+#: pyarrow's Parquet codecs (``none`` writes uncompressed pages).
+PARQUET_CODECS = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")
+
+#: What a run writes into its output directory (what ``--overwrite`` removes).
+OUTPUT_PARTS = ("curated", "rejected", "audit", "stats.json", "_stage_stats")
+
+
+def check_compression(codec: str, flag: str = "--parquet-compression") -> str:
+    """``codec`` when pyarrow can write it, else a one-line ConfigError naming the choices."""
+    if codec not in PARQUET_CODECS:
+        raise ConfigError(f"{flag} {codec!r} is not a Parquet codec; choose one of {', '.join(PARQUET_CODECS)}")
+    if codec != "none" and not pa.Codec.is_available(codec):
+        raise ConfigError(f"{flag} {codec!r} is not available in this pyarrow build; choose one of "
+                          + ", ".join(c for c in PARQUET_CODECS if c == "none" or pa.Codec.is_available(c)))
+    return codec
+
+
+def _entries(out: str) -> list[str]:
+    """Names directly under ``out`` (none when it does not exist); write probes are not counted."""
+    import os
+
+    if FileSystems.get_scheme(out) is None:
+        return sorted(e for e in os.listdir(out) if not e.startswith(".clip-curate-write-probe-")) \
+            if os.path.isdir(out) else []
+    base = out.rstrip("/") + "/"
+    found = FileSystems.match([base + "*"])[0].metadata_list
+    return sorted({m.path[len(base):].split("/", 1)[0] for m in found if m.path.startswith(base)})
+
+
+def claim_output(out: str, *, resume: bool = False, overwrite: bool = False, flag: str = "--output",
+                 parts: tuple[str, ...] = OUTPUT_PARTS, command: str = "run") -> list[str]:
+    """Make ``out`` ready for a new run: a non-empty directory is refused (ConfigError, one line) unless
+    ``resume`` (write beside the old shards) or ``overwrite`` (remove ``parts`` first). Returns what was
+    removed."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: --resume keeps the earlier rows, "
+                          "--overwrite removes them; pass one")
+    entries = _entries(out)
+    if not entries or resume:
+        return []
+    if not overwrite:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        more = "--resume to continue it, " if command == "run" else ""
+        raise ConfigError(f"{flag} {out!r} is not empty ({shown}); pass {more}--overwrite to replace it, or "
+                          "an empty directory")
+    removed = [join(out, e) for e in entries if e in parts]
+    if removed:
+        FileSystems.delete(removed)
+        log.info("--overwrite: removed %s", ", ".join(e for e in entries if e in parts))
+    return removed
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     """Where and how outputs are written."""
@@ -26,12 +78,17 @@ class OutputConfig:
     output: str | None = opt(None, "output directory (local or any Beam filesystem: gs://, s3://)")
     shard_rows: int = opt(10_000, "target rows per output Parquet shard")
     store_embeddings: bool = opt(True, "write image_embedding/text_embedding columns")
+    overwrite: bool = opt(False, "replace the outputs of an earlier run in --output (curated/, rejected/, audit/, "
+                                 "stats.json); without it (or --resume) a non-empty --output is refused")
+    parquet_compression: str = opt("zstd", "Parquet compression codec of the output shards",
+                                   choices=PARQUET_CODECS)
 
     def __post_init__(self):
         if not self.output:
             raise ConfigError("no output: pass --output DIR")
         if self.shard_rows < 1:
             raise ConfigError(f"--shard-rows must be >= 1, got {self.shard_rows}")
+        check_compression(self.parquet_compression)
 
 
 def join(base: str, *parts: str) -> str:
@@ -40,6 +97,37 @@ def join(base: str, *parts: str) -> str:
 
 def shard_count(estimated_rows: int, shard_rows: int) -> int:
     return max(1, math.ceil(estimated_rows / shard_rows))
+
+
+def embedding_dim(model_config) -> int | None:
+    """The embedding width of the run's model, read from its config without loading weights (the writers'
+    ``fixed_size_list<float32>[d]``); None when it cannot be known before the run (the columns are then
+    variable lists)."""
+    import json
+    import os
+
+    from clip_curate.models import clip
+
+    try:
+        spec = clip.resolve_model(model_config)
+        if spec.kind == "test":
+            cfg = clip.TEST_TINY_MODEL_CFG
+        elif spec.kind in ("synthetic", "dir"):
+            with open(os.path.join(spec.name, clip.CONFIG_FILE), encoding="utf-8") as f:
+                cfg = json.load(f)["model_cfg"]
+        elif spec.kind == "hf":
+            from open_clip.factory import _get_hf_config
+
+            cfg = _get_hf_config(spec.name)["model_cfg"]
+        else:
+            import open_clip
+
+            cfg = open_clip.get_model_config(spec.name) or {}
+        return int(cfg["embed_dim"])
+    except Exception as exc:  # noqa: BLE001 - e.g. a hub config unreachable now: variable-length lists
+        log.info("embedding width of %s unknown before the run (%s): embeddings stored as list<float32>",
+                 getattr(model_config, "clip_model", model_config), exc)
+        return None
 
 
 class _Project(beam.DoFn):
@@ -56,8 +144,9 @@ class WriteParquetTable(beam.PTransform):
     """Project rows onto ``arrow_schema`` and write ``<directory>/<prefix>-SSSSS-of-NNNNN.parquet``."""
 
     def __init__(self, directory: str, arrow_schema: pa.Schema, num_shards: int, prefix: str = "part",
-                 counter: str = "written_rows"):
+                 counter: str = "written_rows", compression: str = "zstd"):
         super().__init__()
+        self._codec = check_compression(compression)
         self._directory = directory
         self._schema = arrow_schema
         self._num_shards = num_shards
@@ -70,5 +159,6 @@ class WriteParquetTable(beam.PTransform):
             | "Project" >> beam.ParDo(_Project(self._schema, self._counter))
             | "Write" >> beam.io.WriteToParquet(
                 join(self._directory, self._prefix), self._schema, num_shards=self._num_shards,
-                file_name_suffix=".parquet", record_batch_size=256, row_group_buffer_size=32 * 1024 * 1024)
+                file_name_suffix=".parquet", codec=self._codec, record_batch_size=256,
+                row_group_buffer_size=32 * 1024 * 1024)
         )

@@ -773,6 +773,10 @@ def _join(base: str, *parts: str) -> str:
     return FileSystems.join(base.rstrip("/"), *parts)
 
 
+#: What the audit writes into its output directory (what ``clip-curate audit --overwrite`` replaces).
+AUDIT_FILES = ("audit.json", "report.html")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``clip-curate audit --input OUT [--output DIR] [--attributes FILE] [Beam options]``."""
 
@@ -780,10 +784,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                      description="(Re)compute the bias audit (audit.json + report.html) of a clip-curate "
                                  "output directory. Other --flags are passed to Apache Beam.")
     add_audit_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace audit.json and report.html already in the audit output")
     ns, beam_args = parser.parse_known_args(list(argv or []))
     validate_beam_args(beam_args)
     cfg = config_from_namespace(AuditConfig, ns)
     out = ns.output or _join(ns.input, "audit")
+    from clip_curate.preflight import probe_output
+    from clip_curate.writers import claim_output
+
+    probe_output(out, "--output")  # a file, an unwritable directory or parent: one line, exit 2
+    claim_output(out, overwrite=ns.overwrite, parts=AUDIT_FILES, command="audit")
     code = run_audit(ns.input, out, None, beam_args, config=cfg, clip_model=ns.clip_model)
     print(f"audit report: {_join(out, 'report.html')}")
     return code

@@ -128,6 +128,8 @@ def _read_curated(split: Split, plan: InputPlan, opts: PoolOptions) -> Iterator[
                 for k in ("image_embedding", "text_embedding"):
                     if raw.get(k) is not None:
                         raw[k] = np.asarray(raw[k], dtype=np.float32)
+                raw["image"] = schema.image_bytes(raw.get("image"))  # the {bytes, path} struct, or older bytes
+                raw.pop("duplicate_of", None)
                 yield raw
 
 

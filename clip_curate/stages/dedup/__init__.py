@@ -214,7 +214,10 @@ class _Decide(beam.DoFn):
             elif decisions:
                 reason, detail = explain(decisions, kept_droppers)
                 self._dropped[reason].inc()
-                yield beam.pvalue.TaggedOutput(records.REJECTED_TAG, records.reject(row, "dedup", reason, detail))
+                rejected = records.reject(row, "dedup", reason, detail)
+                if detail.startswith("duplicate of "):  # the dropper's uid, for joins (rejected_row.json)
+                    rejected["duplicate_of"] = detail.rsplit(" ", 1)[-1]
+                yield beam.pvalue.TaggedOutput(records.REJECTED_TAG, rejected)
             else:
                 self._out.inc()
                 yield row
