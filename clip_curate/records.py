@@ -28,7 +28,7 @@ REASONS: dict[str, tuple[str, ...]] = {
     ),
     "image": ("decode_error", "too_small", "too_large_pixels", "bad_aspect_ratio", "empty_body"),
     "embed": ("embed_error",),
-    "clip": ("low_clip_score", "below_top_fraction"),
+    "clip": ("low_clip_score", "below_top_fraction", "off_target"),
     "dedup": ("duplicate_exact", "duplicate_near", "duplicate_semantic", "eval_leak"),
     "safety": ("nsfw_image", "nsfw_concept", "unsafe_caption"),
     "balance": ("no_entry", "over_represented"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import apache_beam as beam
+import numpy as np
 
 from clip_curate.fields import ConfigError, opt
 from clip_curate.models.cards import Judgment, ModelCard
@@ -30,17 +31,25 @@ class ClipFilterConfig:
                                              "with ViT-B-32); unset = off")
     clip_top_fraction: float | None = opt(None, "keep only this fraction of pairs with the highest CLIP scores "
                                                 "over the whole dataset (DataComp style, 0 < F <= 1); unset = off")
+    target_set: str | None = opt(None, "image-based filter (DataComp): a directory of target images, or a Parquet "
+                                       "file/folder with an image_embedding column; keeps rows whose image embedding's "
+                                       "nearest pool cluster is nearest to some target item (others clip/off_target)")
+    target_clusters: int = opt(0, "k-means clusters over the pool's image embeddings for --target-set "
+                                  "(0 = about one per 200 rows, 2..100000)")
 
     def __post_init__(self):
         if self.min_clip_score is not None and not -1.0 <= self.min_clip_score <= 1.0:
             raise ConfigError(f"--min-clip-score: a cosine in [-1, 1], got {self.min_clip_score}")
         if self.clip_top_fraction is not None and not 0.0 < self.clip_top_fraction <= 1.0:
             raise ConfigError(f"--clip-top-fraction: must be in (0, 1], got {self.clip_top_fraction}")
+        if not isinstance(self.target_clusters, int) or not (self.target_clusters == 0
+                                                             or 2 <= self.target_clusters <= 100_000):
+            raise ConfigError(f"--target-clusters: 0 (automatic) or 2..100000, got {self.target_clusters!r}")
 
     @property
     def active(self) -> bool:
-        return self.min_clip_score is not None or (self.clip_top_fraction is not None
-                                                   and self.clip_top_fraction < 1.0)
+        return (self.min_clip_score is not None or bool(self.target_set)
+                or (self.clip_top_fraction is not None and self.clip_top_fraction < 1.0))
 
 
 def _asked(cfg: ClipFilterConfig) -> str:
@@ -101,17 +110,139 @@ def cutoff_from_quantiles(quantiles: list[float] | None, fraction: float) -> flo
     return float(quantiles[idx])
 
 
+# ---------------------------------------------------------------------------------------------
+# Image-based filter (DataComp's "image-based"): keep rows in pool clusters nearest to a target set
+
+@dataclass(frozen=True)
+class TargetModel:
+    """Pool centroids (k, d), L2-normalised, and the clusters some target item is nearest to."""
+
+    centroids: np.ndarray
+    allowed: frozenset
+
+    def nearest(self, emb) -> int:
+        return int(np.argmax(self.centroids @ np.asarray(emb, dtype=np.float32)))
+
+
+def auto_target_clusters(n_rows: int) -> int:
+    return int(min(100_000, max(2, round(n_rows / 200))))
+
+
+def fit_target_model(sample: np.ndarray, targets: np.ndarray, k: int, seed: int = 0) -> TargetModel:
+    """Spherical k-means (faiss) on the pool's embeddings; the allowed clusters are each target item's nearest."""
+    import faiss
+
+    x = np.ascontiguousarray(_l2(sample))
+    t = _l2(targets)
+    if t.shape[1] != x.shape[1]:
+        raise ValueError(f"--target-set embeddings have {t.shape[1]} dimensions but the pool's have {x.shape[1]}: "
+                         "make them with the run's model")
+    k = max(1, min(k, len(x)))
+    if k == 1:
+        centroids = _l2(x.mean(axis=0, keepdims=True))
+    else:
+        km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1)
+        km.train(x)
+        centroids = _l2(km.centroids)
+    allowed = frozenset(int(i) for i in np.argmax(t @ centroids.T, axis=1))
+    return TargetModel(centroids.astype(np.float32), allowed)
+
+
+def target_verdict(emb, target: TargetModel) -> tuple[str | None, str]:
+    c = target.nearest(emb)
+    if c in target.allowed:
+        return None, ""
+    return "off_target", f"nearest pool cluster {c} is not one of the {len(target.allowed)} nearest to the target set"
+
+
+def _l2(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def load_target_embeddings(_, path: str, model_config=None) -> np.ndarray:
+    """The target set's embeddings: a Parquet file/folder's ``image_embedding`` column, or a directory of
+    images embedded with the run's CLIP model."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(path)
+    files = [root] if fs.isfile(root) else sorted(fs.find(root))
+    parquets = [f for f in files if f.endswith((".parquet", ".pq"))]
+    if parquets:
+        rows = []
+        for f in parquets:
+            with fs.open(f, "rb") as fh:
+                rows.extend(v for v in pq.read_table(fh, columns=["image_embedding"]).column(0).to_pylist() if v)
+        return np.asarray(rows, dtype=np.float32)
+    from PIL import Image
+
+    from clip_curate.models.clip import encode_images, has_clip_model, load_clip
+
+    if not has_clip_model(model_config):
+        raise ValueError("--target-set with images needs a CLIP model to embed them (or pass an embeddings Parquet)")
+    images = []
+    for f in files:
+        try:
+            with fs.open(f, "rb") as fh:
+                images.append(Image.open(fh).convert("RGB"))
+        except Exception:  # noqa: BLE001 - not an image (a README beside them): skipped
+            continue
+    return encode_images(load_clip(model_config), images)
+
+
+def _embedding_item(row):
+    from clip_curate.records import uid_hash
+
+    if row.get("image_embedding") is not None:
+        yield uid_hash(str(row["uid"])), np.asarray(row["image_embedding"], dtype=np.float32)
+
+
+class TargetClusters(beam.PTransform):
+    """rows -> one :class:`TargetModel`: k-means over (a deterministic sample of) the pool's image embeddings,
+    and the clusters nearest to the target set (a side input of the CLIP stage)."""
+
+    SAMPLE = 100_000
+
+    def __init__(self, config: ClipFilterConfig, model_config=None):
+        super().__init__()
+        self._cfg = config
+        self._model_config = model_config
+
+    def expand(self, rows):
+        cfg = self._cfg
+        items = rows | "PoolEmbeddings" >> beam.FlatMap(_embedding_item)
+        n = items | "CountPool" >> beam.combiners.Count.Globally()
+        sample = items | "SamplePool" >> beam.combiners.Top.Of(self.SAMPLE, key=lambda t: t[0])
+        targets = (rows.pipeline | "OnceTargets" >> beam.Create([None])
+                   | "TargetEmbeddings" >> beam.Map(load_target_embeddings, cfg.target_set, self._model_config))
+        return sample | "FitTarget" >> beam.Map(_fit, beam.pvalue.AsSingleton(n), beam.pvalue.AsSingleton(targets),
+                                                cfg.target_clusters)
+
+
+def _fit(sample, n_rows: int, targets: np.ndarray, k: int) -> TargetModel | None:
+    """None when no row has an embedding (nothing to cluster: the filter keeps every row)."""
+    if not sample:
+        return None
+    if len(targets) == 0:
+        raise ValueError("--target-set holds no embeddings or images")
+    pool = np.stack([e for _, e in sorted(sample, key=lambda x: x[0])])
+    return fit_target_model(pool, targets, k or auto_target_clusters(n_rows))
+
+
 class _ClipRules(RowFilter):
     stage = "clip"
 
     def load(self):
         self._unscored = self.counter("unscored")
 
-    def judge(self, row, cutoff=None):
+    def judge(self, row, cutoff=None, target=None):
         score = row.get("clip_score")
         if score is None:
             self._unscored.inc()
         reason, detail = clip_verdict(None if score is None else float(score), self.config, cutoff)
+        if reason is None and target is not None and row.get("image_embedding") is not None:
+            reason, detail = target_verdict(row["image_embedding"], target)
         return Verdict(row, reason, detail)
 
 
@@ -119,13 +250,15 @@ class ClipScoreFilter(beam.PTransform):
     """rows with ``clip_score`` -> (kept, rejected) under ``--min-clip-score`` and
     ``--clip-top-fraction`` (rows without a score pass, counted ``clip_unscored``)."""
 
-    def __init__(self, config: ClipFilterConfig):
+    def __init__(self, config: ClipFilterConfig, model_config=None):
         super().__init__()
         self._cfg = config
+        self._model_config = model_config  # embeds a directory of --target-set images
 
     def expand(self, rows):
         cfg = self._cfg
         fraction = cfg.clip_top_fraction
+        side = []
         if fraction is not None and fraction < 1.0:
             cutoff = (rows
                       | "Scores" >> beam.FlatMap(lambda r: [float(r["clip_score"])]
@@ -133,18 +266,25 @@ class ClipScoreFilter(beam.PTransform):
                       | "Quantiles" >> beam.transforms.stats.ApproximateQuantiles.Globally(
                           QUANTILE_RESOLUTION + 1)  # rank error <= 1/QUANTILE_RESOLUTION
                       | "Cutoff" >> beam.Map(cutoff_from_quantiles, fraction))
-            side = (beam.pvalue.AsSingleton(cutoff, default_value=None),)
-        else:
-            side = ()
+            side.append(beam.pvalue.AsSingleton(cutoff, default_value=None))
+        if cfg.target_set:
+            if not side:
+                side.append(beam.pvalue.AsSingleton(rows.pipeline | "NoCutoff" >> beam.Create([None])))
+            side.append(beam.pvalue.AsSingleton(rows | "TargetSet" >> TargetClusters(cfg, self._model_config)))
         return rows | RowStage(_ClipRules(cfg), *side, label="ClipRules")
 
 
 def _check_passes(cfg: ClipFilterConfig, run_config) -> None:
+    if cfg.target_set:
+        raise ConfigError("--target-set clusters every row's embedding in one job, so it cannot run in --chunk-rows "
+                          "passes: re-filter the output afterwards (--input OUT --input-format curated "
+                          "--stages clip --target-set ...)")
     if cfg.clip_top_fraction is not None:
         raise ConfigError("--clip-top-fraction ranks every row of the input in one job, so it cannot run in "
                           "--chunk-rows passes: use --min-clip-score, or drop --chunk-rows (a distributed runner "
                           "keeps memory flat without it)")
 
 
-register(Stage("clip", ClipFilterConfig, build=lambda cfg, ctx: ClipScoreFilter(cfg) if cfg.active else None,
+register(Stage("clip", ClipFilterConfig,
+               build=lambda cfg, ctx: ClipScoreFilter(cfg, getattr(ctx.configs, "embed", None)) if cfg.active else None,
                position=50, check_passes=_check_passes, title="CLIP score filters"))
