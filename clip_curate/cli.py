@@ -1,8 +1,11 @@
 """``clip-curate`` command line: run, demo, audit, export, evaluate, train-tiny."""
 from __future__ import annotations
 
+import argparse
+import difflib
 import importlib
 import logging
+import os
 import re
 import sys
 from typing import Callable, Sequence
@@ -20,8 +23,99 @@ commands:
   train-tiny  train the bundled synthetic-tiny CLIP model on the synthetic world
   entries     build an entry list for --balance-entries (WordNet noun lemmas)
 
-Run 'clip-curate COMMAND --help' for the flags of a command.
+Run 'clip-curate COMMAND --help' for the flags of a command; 'clip-curate --version' for the version.
 """
+
+
+def version() -> str:
+    """The installed clip-curate version."""
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return dist_version("clip-curate")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam options: one line and a hint for each mistake, before any work starts
+
+class _BeamOptionError(Exception):
+    pass
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _BeamOptionError(message)
+
+
+def beam_option_parser() -> argparse.ArgumentParser:
+    """An argparse parser that knows every Beam PipelineOptions flag (and raises instead of exiting)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    parser = _RaisingParser(add_help=False, allow_abbrev=False)
+    seen: set[type] = set()
+    stack = list(PipelineOptions.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        stack.extend(cls.__subclasses__())
+        try:
+            cls._add_argparse_args(parser)
+        except argparse.ArgumentError:
+            pass  # an option declared by two classes
+    return parser
+
+
+def _command_parser(command: str) -> argparse.ArgumentParser | None:
+    if command == "run":
+        from clip_curate.config import build_run_parser
+
+        return build_run_parser()
+    if command == "audit":
+        from clip_curate.audit.assemble import build_arg_parser
+
+        return build_arg_parser()
+    return None
+
+
+def check_beam_options(command: str, argv: Sequence[str]) -> None:
+    """ConfigError (one line, with the fix) for a Beam option a command would pass on but Beam refuses: an
+    unknown runner (the valid ones listed), a bad value (the option named), a dashed spelling of an
+    underscore option (the right spelling suggested)."""
+    own = _command_parser(command)
+    if own is None or any(a in ("-h", "--help") for a in argv):
+        return
+    _, rest = own.parse_known_args(list(argv))
+    if not rest:
+        return
+    beam = beam_option_parser()
+    known = {s for action in beam._actions for s in action.option_strings}
+    for arg in rest:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and "-" in flag[2:] and flag not in known:
+            underscore = "--" + flag[2:].replace("-", "_")
+            if underscore in known:
+                raise ConfigError(f"unknown flag {flag}: Beam options are spelled with underscores; did you mean "
+                                  f"{underscore}?")
+    try:
+        ns, _ = beam.parse_known_args(list(rest))
+    except _BeamOptionError as exc:
+        raise ConfigError(f"Beam option: {exc}") from None
+    runner = getattr(ns, "runner", None)
+    if runner and "." not in str(runner):
+        from apache_beam.options.pipeline_options import StandardOptions
+        from apache_beam.runners.runner import _RUNNER_MAP
+
+        name = str(runner).lower()
+        if name not in _RUNNER_MAP and name + "runner" not in _RUNNER_MAP:
+            close = difflib.get_close_matches(str(runner), StandardOptions.KNOWN_RUNNER_NAMES, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"--runner {runner}: unknown runner; {hint}valid runners: "
+                              f"{', '.join(StandardOptions.KNOWN_RUNNER_NAMES)} (or a PipelineRunner's full "
+                              "module path)")
 
 
 def _cmd_run(argv: Sequence[str]) -> int:
@@ -73,13 +167,32 @@ class QuietBeamWorkerEcho(logging.Filter):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # e.g. `clip-curate run -h | head -1`: the reader left; nothing to report
+        try:  # keep the interpreter's final flush of stdout from raising again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("--version", "-V", "version"):
+        print(f"clip-curate {version()}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"clip-curate: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        check_beam_options(command, rest)
+    except ConfigError as exc:
+        print(f"clip-curate {command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -95,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:
         message = config_error_message(exc)
+        if message is None and isinstance(exc, ValueError) and "Unexpected pipeline runner" in str(exc):
+            message = one_line(str(exc))
         if message is None:
             raise
         print(f"clip-curate {command}: error: {message}", file=sys.stderr)

@@ -777,15 +777,21 @@ def _join(base: str, *parts: str) -> str:
 AUDIT_FILES = ("audit.json", "report.html")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``clip-curate audit --input OUT [--output DIR] [--attributes FILE] [Beam options]``."""
-
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The parser of ``clip-curate audit`` (its own flags; other --flags go to Beam)."""
     parser = OneLineParser(prog="clip-curate audit", allow_abbrev=False,
-                     description="(Re)compute the bias audit (audit.json + report.html) of a clip-curate "
-                                 "output directory. Other --flags are passed to Apache Beam.")
+                           description="(Re)compute the bias audit (audit.json + report.html) of a clip-curate "
+                                       "output directory. Other --flags are passed to Apache Beam.")
     add_audit_arguments(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace audit.json and report.html already in the audit output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``clip-curate audit --input OUT [--output DIR] [--attributes FILE] [Beam options]``."""
+
+    parser = build_arg_parser()
     ns, beam_args = parser.parse_known_args(list(argv or []))
     validate_beam_args(beam_args)
     cfg = config_from_namespace(AuditConfig, ns)

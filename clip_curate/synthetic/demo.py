@@ -17,13 +17,19 @@ from typing import Sequence
 
 import pyarrow.parquet as pq
 
-from clip_curate.fields import ConfigError
+from clip_curate.fields import ConfigError, OneLineParser
 
 log = logging.getLogger(__name__)
 
+#: Subdirectory of the demo's --output holding the synthetic web's files (URL list, eval images).
+WORLD_DIR = "_world"
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clip-curate demo", description=__doc__.splitlines()[0])
-    p.add_argument("--output", default=None, help="output directory (default: a new temporary directory)")
+    p = OneLineParser(prog="clip-curate demo", description=__doc__.splitlines()[0])
+    p.add_argument("--output", default=None, help="output directory: curated/, rejected/, stats.json and audit/ "
+                   "directly in it, the synthetic web's files in OUTPUT/_world/ (default: a new temporary directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs in --output")
     p.add_argument("--rows", type=int, default=600, help="URLs in the synthetic web")
     p.add_argument("--seed", type=int, default=2026, help="world seed (the model was trained on other seeds)")
     p.add_argument("--workers", type=int, default=2, help="DirectRunner worker processes")
@@ -83,18 +89,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from clip_curate.stats import format_summary
     from clip_curate.run import run
 
-    out_root = args.output or tempfile.mkdtemp(prefix="clip-curate-demo-")
-    os.makedirs(out_root, exist_ok=True)
+    from clip_curate.preflight import probe_output
+    from clip_curate.writers import OUTPUT_PARTS, claim_output
+
+    out = args.output or tempfile.mkdtemp(prefix="clip-curate-demo-")
+    probe_output(out, "--output")
+    claim_output(out, overwrite=args.overwrite, parts=OUTPUT_PARTS + (WORLD_DIR,), command="demo")
+    world_dir = os.path.join(out, WORLD_DIR)  # the synthetic web's files, apart from the run's outputs
+    os.makedirs(world_dir, exist_ok=True)
     w = world_mod.generate_world(args.rows, args.seed, broken_404=0.03, broken_not_image=0.02)
-    eval_dir = os.path.join(out_root, "eval_images")
+    eval_dir = os.path.join(world_dir, "eval_images")
     w.write_eval_dir(eval_dir)
     threshold = args.min_clip_score if args.min_clip_score is not None else recommended_threshold("synthetic-tiny")
     with world_mod.serve_world(w) as server:
-        urls = os.path.join(out_root, "urls.parquet")
+        urls = os.path.join(world_dir, "urls.parquet")
         pq.write_table(w.to_url_table(server.base_url, include_uid=False), urls)  # uid = hash(url, caption)
-        out = os.path.join(out_root, "out")
         print(f"synthetic web: {len(w)} URLs at {server.base_url}  kinds: {json.dumps(w.kinds())}")
-        argv = ["--input", urls, "--output", out, "--allow-private-addresses",
+        argv = ["--input", urls, "--output", out, "--overwrite", "--allow-private-addresses",  # beside _world/
                 "--clip-model", "synthetic-tiny", "--min-clip-score", str(threshold),
                 "--dedup", "exact,near,semantic", "--semantic-threshold", "0.99", "--decontaminate", eval_dir,
                 "--nsfw-policy", "drop", "--audit", "--progress-seconds", "5",
@@ -113,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"curated:  {os.path.join(out, 'curated')}")
     print(f"rejected: {os.path.join(out, 'rejected')}")
+    print(f"stats:    {os.path.join(out, 'stats.json')}")
+    print(f"world:    {world_dir} (URL list, eval images)")
     report = os.path.join(out, "audit", "report.html")
     if os.path.exists(report):
         print(f"audit report: {report}")
