@@ -112,7 +112,36 @@ def format_summary(stats: dict[str, Any]) -> str:
         if len(damaged) > MAX_SUMMARY_DAMAGE:
             lines.append(f"  ... and {len(damaged) - MAX_SUMMARY_DAMAGE} more (stats.json damaged_sources)")
     lines.extend(str(j) for j in stats.get("judgments", []))
+    lines.extend(summary_hints(stats))
     return "\n".join(lines)
+
+
+#: What usually causes a reason that dominates a run, and the flag that changes it (``(stage, reason)``).
+HINTS = {
+    ("download", "blocked_address"): "URLs resolve to loopback/private/link-local addresses, refused by the SSRF "
+                                     "guard; if those hosts are yours, pass --allow-private-addresses or "
+                                     "--allow-networks CIDR",
+    ("download", "dns_error"): "host names did not resolve: check the network and DNS, or map names to addresses "
+                               "with --resolve HOST:IP",
+    ("download", "robots_unavailable"): "robots.txt could not be fetched (the rows were not downloaded): re-run "
+                                        "those rows later with --retry-from OUT",
+}
+
+#: Share of the input rows one reason must reach before the summary explains it.
+HINT_SHARE = 0.5
+
+
+def summary_hints(stats: dict[str, Any]) -> list[str]:
+    """One line per rejection reason that holds at least HINT_SHARE of the input rows and has a known cause:
+    what usually causes it and the flag that changes it."""
+    n_in = max(int(stats.get("input_rows") or 0), 1)
+    out = []
+    for stage, reasons in stats.get("rejected_by", {}).items():
+        for reason, n in reasons.items():
+            hint = HINTS.get((stage, reason))
+            if hint and n / n_in >= HINT_SHARE:
+                out.append(f"hint: {100 * n / n_in:.0f} % of rows are {stage}/{reason}: {hint}")
+    return out
 
 
 #: Damaged sources listed in the summary (stats.json lists every one).

@@ -161,9 +161,9 @@ def test_outputs_load_in_duckdb_and_datasets(tmp_path, served_world, local_net_f
     if _installed("duckdb"):
         import duckdb
 
-        n, with_image = duckdb.sql(f"select count(*), count(image.bytes) from '{out}/curated/*.parquet'").fetchone()
+        n, with_image = duckdb.sql(f"select count(*), count(image.bytes) from '{out}/curated/*.parquet'").fetchall()[0]
         assert n == stats["curated_rows"] == with_image
-        (n_dup,) = duckdb.sql(f"select count(duplicate_of) from '{out}/rejected/*.parquet'").fetchone()
+        (n_dup,) = duckdb.sql(f"select count(duplicate_of) from '{out}/rejected/*.parquet'").fetchall()[0]
         assert n_dup == len(dups)
     if _installed("datasets"):
         import datasets
@@ -215,3 +215,34 @@ def test_closed_pipe_prints_no_traceback():
                              capture_output=True, text=True, timeout=120)
         assert res.stdout.startswith("usage:"), res
         assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary hints
+
+@pytest.mark.parametrize("reason, flag", [("blocked_address", "--allow-private-addresses"),
+                                          ("dns_error", "--resolve"), ("robots_unavailable", "--retry-from")])
+def test_summary_hint_when_one_reason_dominates(reason, flag):
+    from clip_curate.stats import format_summary
+
+    stats = {"input_rows": 10, "curated_rows": 4, "rejected_rows": 6, "rejected_by": {"download": {reason: 6}}}
+    hints = [ln for ln in format_summary(stats).splitlines() if ln.startswith("hint:")]
+    assert len(hints) == 1 and flag in hints[0] and reason in hints[0] and "60 %" in hints[0]
+    stats = {**stats, "curated_rows": 6, "rejected_rows": 4, "rejected_by": {"download": {reason: 4}}}
+    assert "hint:" not in format_summary(stats)  # under half: no hint
+    stats = {**stats, "rejected_by": {"download": {"http_404": 4}}}
+    assert "hint:" not in format_summary(stats)
+
+
+@pytest.mark.slow
+def test_blocked_addresses_get_a_hint_in_the_printed_summary(tmp_path):
+    """A real run against loopback without --allow-private-addresses: every row is blocked, and the
+    printed summary says which flag allows it."""
+    urls = _url_list(tmp_path, 4)
+    res = subprocess.run([sys.executable, "-m", "clip_curate.cli", "run", "--input", str(urls), "--output",
+                          str(tmp_path / "o"), "--stages", "download", "--no-respect-robots-txt"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "download / blocked_address" in res.stdout
+    assert "hint: 100 % of rows are download/blocked_address" in res.stdout
+    assert "--allow-private-addresses" in res.stdout
