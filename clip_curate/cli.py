@@ -160,10 +160,47 @@ class QuietBeamWorkerEcho(logging.Filter):
         msg = record.getMessage()
         if any(b in msg for b in self.BENIGN):
             return False
-        if record.levelno >= logging.WARNING:
-            return True
         location = msg.rsplit("log_location:", 1)[-1] if "log_location:" in msg else ""
-        return "/clip_curate/" in location or any(f"severity: {s}" in msg for s in ("WARN", "ERROR", "CRITICAL"))
+        keep = (record.levelno >= logging.WARNING or "/clip_curate/" in location
+                or any(f"severity: {s}" in msg for s in ("WARN", "ERROR", "CRITICAL")))
+        if keep:
+            unwrap_worker_record(record)
+        return keep
+
+
+_ENVELOPE_MESSAGE = re.compile(r'\bmessage: "((?:[^"\\]|\\.)*)"')
+_ENVELOPE_SEVERITY = re.compile(r"\bseverity: ([A-Z]+)")
+_ENVELOPE_LOCATION = re.compile(r'\blog_location: "([^"]*)"')
+_SEVERITIES = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "NOTICE": logging.INFO,
+               "WARN": logging.WARNING, "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+
+
+def _unescape(text: str) -> str:
+    """Undo the protobuf text-format escapes of a log message (``\\"``, ``\\n``, octal UTF-8 bytes)."""
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape").encode("latin-1").decode("utf-8")
+    except (UnicodeError, ValueError):
+        return text
+
+
+def unwrap_worker_record(record: logging.LogRecord) -> None:
+    """Turn a worker line the local job service echoes (``Worker: severity: INFO timestamp { ... } message:
+    "..." instruction_id ... log_location ...``) into the worker's own message, level and logger name."""
+    msg = record.getMessage()
+    if not msg.startswith("Worker:"):
+        return
+    found = _ENVELOPE_MESSAGE.search(msg)
+    if found is None:
+        return
+    record.msg, record.args = _unescape(found.group(1)), ()
+    severity = _ENVELOPE_SEVERITY.search(msg)
+    if severity and severity.group(1) in _SEVERITIES:
+        record.levelno = _SEVERITIES[severity.group(1)]
+        record.levelname = logging.getLevelName(record.levelno)
+    location = _ENVELOPE_LOCATION.search(msg)
+    if location and "/clip_curate/" in location.group(1):
+        module = location.group(1).rsplit("/clip_curate/", 1)[-1].split(":")[0]
+        record.name = "clip_curate." + module[:-3].replace("/", ".") if module.endswith(".py") else record.name
 
 
 def main(argv: Sequence[str] | None = None) -> int:

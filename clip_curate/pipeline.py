@@ -10,6 +10,7 @@ and ``clip_curate.readers``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -29,27 +30,82 @@ from clip_curate.writers import WriteParquetTable, embedding_dim, join, shard_co
 log = logging.getLogger(__name__)
 
 
-class ProgressLog(beam.DoFn):
-    """Pass-through that logs rows seen (and rows/s) by this worker process every few seconds."""
+#: Rows each step has passed in this worker process (kept and rejected rows of a stage count together);
+#: progress display only, never part of a result.
+_PROGRESS: dict[str, list] = {}
+_PROGRESS_LOCK = threading.Lock()
 
-    def __init__(self, label: str, every_s: float):
+
+def progress_line(label: str, n: int, elapsed_s: float, total: int | None = None, workers: int | None = None) -> str:
+    """``progress <step>  <n> rows [of ~T]  <rate> rows/s [ETA]`` for one worker process. With the run's row
+    estimate ``total`` and the number of worker processes, the ETA assumes the workers share the rows evenly."""
+    rate = n / max(elapsed_s, 1e-9)
+    line = f"progress {label:<9} {n:>8} rows"
+    if total:
+        share = total / max(workers or 1, 1)
+        line += f" of ~{share:.0f}" + (f" (this worker, 1 of {workers}; ~{total} in all)" if (workers or 1) > 1 else "")
+    line += f"  {rate:7.1f} rows/s"
+    if total and workers and rate > 0:
+        left = max(total / workers - n, 0) / rate
+        line += f"  ETA {_duration(left)}"
+    elif not total or (workers or 1) > 1:
+        line += " (this worker)" if not total else ""
+    return line
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class ProgressLog(beam.DoFn):
+    """Pass-through that logs the rows a step has passed in this worker process (and rows/s) every few
+    seconds; with the run's row estimate, the total and an ETA. The kept and rejected outputs of a stage
+    are counted together when both are wrapped with the same ``label``."""
+
+    def __init__(self, label: str, every_s: float, total: int | None = None, workers: int | None = None,
+                 count_only: bool = False):
         self._label = label
         self._every = every_s
+        self._total = total
+        self._workers = workers
+        self._count_only = count_only
         self._seen = beam.metrics.Metrics.counter(records.METRICS_NAMESPACE, f"progress_{label}")
 
     def setup(self):
-        self._n = 0
-        self._t0 = self._last = time.monotonic()
+        with _PROGRESS_LOCK:
+            _PROGRESS.setdefault(self._label, [0, time.monotonic(), time.monotonic()])
 
     def process(self, row):
-        self._n += 1
-        self._seen.inc()
+        if not self._count_only:
+            self._seen.inc()
         now = time.monotonic()
-        if self._every and now - self._last >= self._every:
-            self._last = now
-            log.info("progress %-9s %8d rows  %7.1f rows/s (this worker)", self._label, self._n,
-                     self._n / max(now - self._t0, 1e-9))
+        line = None
+        with _PROGRESS_LOCK:
+            state = _PROGRESS[self._label]
+            state[0] += 1
+            if self._every and now - state[2] >= self._every:
+                state[2] = now
+                line = progress_line(self._label, state[0], now - state[1], self._total, self._workers)
+        if line:
+            log.info("%s", line)
         yield row
+
+
+def _worker_processes(p: beam.Pipeline) -> int | None:
+    """Worker processes of a local (DirectRunner) run; None where the runner decides (Dataflow, Flink...)."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    opts = p.options
+    runner = str(opts.view_as(StandardOptions).runner or "DirectRunner").split(".")[-1]
+    if runner not in ("DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "FnApiRunner"):
+        return None
+    direct = opts.view_as(DirectOptions)
+    return max(int(direct.direct_num_workers or 1), 1)
 
 
 def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_prefix: str = "part",
@@ -67,6 +123,7 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
         input_rows = (rows, read_rejected) | "NewInputRows" >> beam.Flatten()
     rejected = [read_rejected]
     every = cfg.run.progress_seconds
+    total, workers = plan.estimated_rows or None, _worker_processes(p)   # progress lines: total and ETA
     enabled, skipped, added = plan_stages(cfg.run.enabled(), plan.supplies)
     for name in added:
         log.info("stages: %s stage added: the input's rows need it before %s", name,
@@ -84,7 +141,9 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
             continue
         label = name.capitalize()
         rows, stage_rejected = rows | label >> transform
-        rows = rows | f"Progress{label}" >> beam.ParDo(ProgressLog(name, every))
+        rows = rows | f"Progress{label}" >> beam.ParDo(ProgressLog(name, every, total, workers))
+        stage_rejected = stage_rejected | f"Progress{label}Rejected" >> beam.ParDo(
+            ProgressLog(name, every, total, workers, count_only=True))
         rejected.append(stage_rejected)
         for owner, addon in addons:
             if addon.after != name:

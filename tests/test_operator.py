@@ -246,3 +246,51 @@ def test_blocked_addresses_get_a_hint_in_the_printed_summary(tmp_path):
     assert "download / blocked_address" in res.stdout
     assert "hint: 100 % of rows are download/blocked_address" in res.stdout
     assert "--allow-private-addresses" in res.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+def test_progress_line_total_and_eta():
+    from clip_curate.pipeline import progress_line
+
+    assert progress_line("download", 120, 10.0, 600, 1) == "progress download       120 rows of ~600     12.0 rows/s  ETA 40s"
+    two = progress_line("download", 120, 10.0, 600, 2)
+    assert "of ~300" in two and "1 of 2" in two and "ETA 15s" in two
+    assert "ETA" not in progress_line("download", 120, 10.0)
+
+
+def test_worker_envelope_is_unwrapped():
+    import logging
+
+    from clip_curate.cli import QuietBeamWorkerEcho
+
+    envelope = ('severity: INFO timestamp {   seconds: 1764756000   nanos: 12000 } message: "progress download'
+                '      120 rows \\"q\\" caf\\303\\251" instruction_id: "bundle_3" transform_id: "ProgressDownload" '
+                'log_location: "/x/clip_curate/pipeline.py:81" thread: "Thread-5"')
+    record = logging.LogRecord(cli.BEAM_WORKER_ECHO_LOGGER, logging.INFO, "x", 1, "Worker: %s", (envelope,), None)
+    assert QuietBeamWorkerEcho().filter(record)
+    assert record.getMessage() == 'progress download      120 rows "q" café'
+    assert record.name == "clip_curate.pipeline" and record.levelname == "INFO"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_lines_appear_during_a_slow_download(tmp_path, served_world, local_net_flags, workers):
+    """Every answer waits 0.5 s and two requests run at once: the download phase lasts about 10 s, and
+    progress lines arrive during it (the download releases rows as they finish), as the worker's own
+    message, not wrapped in the job service's log envelope."""
+    with served_world(tmp_path, 40, 3, delay_s=0.5) as web:
+        res = subprocess.run(
+            [sys.executable, "-m", "clip_curate.cli", "run", "--input", str(web.urls), "--output",
+             str(tmp_path / "o"), "--stages", "download", *local_net_flags(), "--threads", "2",
+             "--per-host-connections", "2", "--progress-seconds", "1",
+             f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"],
+            capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if "progress download" in ln]
+    assert lines, res.stderr[-3000:]
+    assert not [ln for ln in lines if "severity:" in ln or "instruction_id" in ln]
+    assert any(" of ~" in ln and "rows/s" in ln for ln in lines)
+    if workers == 1:
+        assert any("ETA" in ln for ln in lines)

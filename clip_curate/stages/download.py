@@ -647,6 +647,14 @@ class _Engine:
             except queue.Empty:
                 return out
 
+    def drain(self):
+        """Every row still in flight, each yielded as soon as it finishes (steady output at a bundle's end,
+        so the steps after the download, and progress lines, see rows while the last ones download)."""
+        while self.inflight > 0:
+            res = self.done.get()
+            self.inflight -= 1
+            yield res
+
     def counters(self) -> dict[str, int]:
         r = self.resolver
         return {"dns_cache_hits": r.hits, "dns_failures": r.failures, "dns_lookups": r.lookups,
@@ -998,15 +1006,17 @@ class _DownloadFn(beam.DoFn):
         yield from self._emit(self._engine.take(self._max_inflight))
 
     def finish_bundle(self):
-        for out in self._emit(self._engine.take(None)):
+        for out in self._emit(self._engine.drain()):
             if isinstance(out, beam.pvalue.TaggedOutput):
                 yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, MIN_TIMESTAMP, [GlobalWindow()]))
             else:
                 yield WindowedValue(out, MIN_TIMESTAMP, [GlobalWindow()])
         self._flush_counters()
 
-    def _emit(self, results: list[_Result]):
+    def _emit(self, results: Iterable[_Result]):
+        emitted = False
         for res in results:
+            emitted = True
             if res.msecs is not None:
                 self._msecs.update(int(res.msecs))
                 if res.host and res.msecs:  # rows that made a request
@@ -1019,7 +1029,7 @@ class _DownloadFn(beam.DoFn):
                 self._reasons[res.reason].inc()
                 yield beam.pvalue.TaggedOutput(records.REJECTED_TAG,
                                                records.reject(res.row, STAGE, res.reason, res.detail))
-        if results:
+        if emitted:
             self._flush_counters()
 
     def _host_msecs(self, host: str, msecs: float) -> None:
