@@ -46,7 +46,7 @@ setup(
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "scikit-image>=0.21", "img2dataset>=1.45"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "scikit-image>=0.21", "img2dataset>=1.45", "duckdb>=1.0", "datasets>=3.0"],
         "gpu": [],  # torch wheels on PyPI already ship CUDA on x86_64; see docs/scale.md.
         "dev": ["pytest>=7", "pytest-timeout>=2", "scikit-image>=0.21", "img2dataset>=1.45", "build"],
     },
