@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 SIZES_FILE = "sizes.json"
-FORMATS = ("webdataset",)
+FORMATS = ("webdataset", "datacomp-uids")
 #: Columns never written to ``{uid}.json`` (bytes and vectors).
 EXCLUDED_META = ("image", "image_embedding", "text_embedding")
 _IMAGE_EXT = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"RIFF", "webp"))
@@ -260,8 +260,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="clip-curate export",
                                 description="Write curated rows as WebDataset tar shards for open_clip training.")
     p.add_argument("--input", required=True, help="curated Parquet: OUT/curated (or OUT, a file, a glob); any fsspec path")
-    p.add_argument("--output", required=True, help="directory for NNNNN.tar shards, manifest.json, sizes.json")
-    p.add_argument("--format", default="webdataset", help="output format (default: webdataset; the only one)")
+    p.add_argument("--output", required=True, help="webdataset: directory for NNNNN.tar shards, manifest.json, sizes.json; "
+                                                      "datacomp-uids: FILE.npy")
+    p.add_argument("--format", default="webdataset", choices=FORMATS,
+                   help="webdataset (tar shards for open_clip) or datacomp-uids (the sorted uid .npy of DataComp's "
+                        "resharder)")
     p.add_argument("--shard-size", type=int, default=10_000, help="rows per tar shard (default: 10000)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
     return p
@@ -272,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     if args.format not in FORMATS:
         raise ConfigError(f"--format {args.format!r}: unknown; choose from {', '.join(FORMATS)}")
+    if args.format == "datacomp-uids":
+        return _export_uids(args.input, args.output, args.overwrite)
     result = export_webdataset(args.input, args.output, shard_size=args.shard_size, overwrite=args.overwrite)
     if not result.total:
         print(f"exported 0 rows (skipped: {json.dumps(result.skipped)}); nothing to train on", file=sys.stderr)
@@ -281,6 +286,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.total:
         print("open_clip: python -m open_clip_train.main --dataset-type webdataset "
               f"--train-data '{result.pattern}' --train-num-samples {result.total} ...")
+    return 0
+
+
+def _export_uids(input_path: str, output: str, overwrite: bool) -> int:
+    """``--format datacomp-uids``: OUTPUT is one ``.npy`` file (DataComp's ``--subset-file``)."""
+    import fsspec
+
+    from clip_curate.datacomp import curated_uids, write_uids
+
+    if not output.endswith(".npy"):
+        raise ConfigError(f"--output {output!r}: --format datacomp-uids writes one .npy file; name it FILE.npy")
+    fs, path = fsspec.core.url_to_fs(output)
+    if fs.exists(path) and not overwrite:
+        raise ConfigError(f"--output {output!r} exists; pass --overwrite to replace it")
+    n = write_uids(curated_uids(input_path), output)
+    print(f"exported {n} uids to {output} (sorted (u8, u8) pairs, DataComp's resharder --subset-file)")
     return 0
 
 

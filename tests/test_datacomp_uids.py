@@ -43,3 +43,18 @@ def test_uids_that_are_not_32_hex_digits_are_one_line_errors(bad):
 def test_no_shards_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no curated Parquet shards"):
         curated_uids(str(tmp_path))
+
+
+def test_export_command_writes_the_npy_and_refuses_to_overwrite(tmp_path, capsys):
+    from clip_curate.cli import main
+
+    own = ["0" * 31 + "2", "a" * 32]
+    (tmp_path / "out" / "curated").mkdir(parents=True)
+    pq.write_table(pa.table({"uid": own}), tmp_path / "out" / "curated" / "part-0.parquet")
+    npy = tmp_path / "uids.npy"
+    args = ["export", "--format", "datacomp-uids", "--input", str(tmp_path / "out" / "curated"), "--output", str(npy)]
+    assert main(args) == 0
+    assert array_to_uids(np.load(npy)) == sorted(own)
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    assert main(args[:-1] + [str(tmp_path / "uids.txt")]) == 2
