@@ -40,7 +40,8 @@ def test_read_write_run_accounts_every_row(tmp_path, url_list):
     rejected = pq.read_table(out / "rejected")
     assert len(list((out / "curated").glob("part-*.parquet"))) == 4  # ceil(32 / 10)
     assert curated.num_rows == 30 and rejected.num_rows == 2
-    assert curated.schema.names == schema.curated_schema([pa.field("source", pa.string())]).names
+    # no model (--stages none): no embedding columns
+    assert curated.schema.names == schema.curated_schema([pa.field("source", pa.string())], embeddings=False).names
     assert set(rejected.column("reason").to_pylist()) == {"missing_url"}
     assert set(rejected.column("stage").to_pylist()) == {"read"}
     assert "curated rows" in res.stdout and "read / missing_url" in res.stdout

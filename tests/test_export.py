@@ -40,7 +40,8 @@ def _write_curated(root: str, parts: list[list[dict]]) -> str:
     os.makedirs(cur, exist_ok=True)
     sch = schema.curated_schema([pa.field("truth_kind", pa.string())])
     for i, rows in enumerate(parts):
-        pq.write_table(pa.Table.from_pylist(rows, schema=sch), os.path.join(cur, f"part-{i:05d}-of-{len(parts):05d}.parquet"),
+        pq.write_table(pa.Table.from_pylist([schema.project(r, sch) for r in rows], schema=sch),
+                       os.path.join(cur, f"part-{i:05d}-of-{len(parts):05d}.parquet"),
                        row_group_size=7)
     return cur
 
@@ -120,7 +121,7 @@ def test_fsspec_paths_and_skips(tmp_path, make_rows):
     fs = fsspec.filesystem("memory")
     sch = schema.curated_schema([pa.field("truth_kind", pa.string())])
     with fs.open("/exp-in/curated/part-00000.parquet", "wb") as f:
-        pq.write_table(pa.Table.from_pylist(rows, schema=sch), f)
+        pq.write_table(pa.Table.from_pylist([schema.project(r, sch) for r in rows], schema=sch), f)
     res = export.export_webdataset("memory:///exp-in", "memory:///exp-out", shard_size=100)
     assert res.total == 4 and res.skipped == {"no_image": 1} and res.pattern == "memory:///exp-out/00000.tar"
     with fs.open("/exp-out/00000.tar", "rb") as f:
