@@ -42,7 +42,8 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     preflight(cfg, plan)                          # the output can be written; the input can be read
     check_environment(cfg)                        # e.g. model exists, before any download work
     passes = plan_passes(cfg, plan.estimated_rows)
-    claim_output(cfg.output.output, resume=cfg.run.resume, overwrite=cfg.output.overwrite)  # empty, or cleared
+    claim_output(cfg.output.output, resume=cfg.run.resume, overwrite=cfg.output.overwrite,  # empty, or cleared
+                 inputs=(cfg.reader.input, cfg.reader.retry_from))
     if passes > 1 and test_pipeline is not None:
         raise ValueError("--chunk-rows runs one pipeline per pass; it cannot use a given test pipeline")
     options = PipelineOptions(beam_args)

@@ -48,14 +48,29 @@ def _entries(out: str) -> list[str]:
     return sorted({m.path[len(base):].split("/", 1)[0] for m in found if m.path.startswith(base)})
 
 
+def _same_place(a: str, b: str) -> bool:
+    """Whether path ``b`` is ``a`` or lies under it."""
+    import os
+
+    if FileSystems.get_scheme(a) is None and FileSystems.get_scheme(b) is None:
+        a, b = os.path.abspath(a), os.path.abspath(b)
+        return a == b or b.startswith(a.rstrip("/") + "/")
+    return a.rstrip("/") == b.rstrip("/") or b.startswith(a.rstrip("/") + "/")
+
+
 def claim_output(out: str, *, resume: bool = False, overwrite: bool = False, flag: str = "--output",
-                 parts: tuple[str, ...] = OUTPUT_PARTS, command: str = "run") -> list[str]:
+                 parts: tuple[str, ...] = OUTPUT_PARTS, command: str = "run", inputs=()) -> list[str]:
     """Make ``out`` ready for a new run: a non-empty directory is refused (ConfigError, one line) unless
-    ``resume`` (write beside the old shards) or ``overwrite`` (remove ``parts`` first). Returns what was
-    removed."""
+    ``resume`` (write beside the old shards) or ``overwrite`` (remove ``parts`` first). ``inputs``: paths the
+    run reads, never removed by ``overwrite``. Returns what was removed."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: --resume keeps the earlier rows, "
                           "--overwrite removes them; pass one")
+    if overwrite:
+        for src in inputs:
+            if src and "*" not in src and _same_place(out, src):
+                raise ConfigError(f"--overwrite would remove this run's own input {src!r} (it lies in {flag} "
+                                  f"{out!r}); write to another {flag}")
     entries = _entries(out)
     if not entries or resume:
         return []

@@ -294,3 +294,15 @@ def test_progress_lines_appear_during_a_slow_download(tmp_path, served_world, lo
     assert any(" of ~" in ln and "rows/s" in ln for ln in lines)
     if workers == 1:
         assert any("ETA" in ln for ln in lines)
+
+
+def test_overwrite_never_removes_the_runs_own_input(tmp_path):
+    out = tmp_path / "out"
+    (out / "rejected").mkdir(parents=True)
+    (out / "stats.json").write_text("{}")
+    with pytest.raises(ConfigError, match="own input"):
+        claim_output(str(out), overwrite=True, inputs=(None, str(out)))          # --retry-from OUT --output OUT
+    with pytest.raises(ConfigError, match="own input"):
+        claim_output(str(out), overwrite=True, inputs=(str(out / "curated"), None))
+    assert (out / "stats.json").exists()
+    assert claim_output(str(out), overwrite=True, inputs=(str(tmp_path / "urls.parquet"),))
