@@ -35,6 +35,7 @@ from clip_curate.fields import (ConfigError, OneLineParser, add_config_arguments
                                  read_user_text, validate_beam_args)
 from clip_curate.models.cards import Judgment, ModelCard, card_for
 from clip_curate.models.clip import EmbedPromptSets, ModelConfig, has_clip_model
+from clip_curate.stages.base import CounterSumFn
 from clip_curate.stages.safety import WordList
 
 log = logging.getLogger(__name__)
@@ -419,27 +420,6 @@ class _Features(beam.DoFn):
         if self._matcher.dim is not None and row.get("image_embedding") is not None and emb is None:
             keys[("dim_mismatch",)] += 1
         yield keys, registered_domain(row.get("url"), self._tld), pop
-
-
-class CounterSumFn(beam.CombineFn):
-    """Sum of Counters; the accumulator is bounded by groups x bins x reasons, never by rows."""
-
-    def create_accumulator(self):
-        return Counter()
-
-    def add_input(self, acc, element):
-        acc.update(element)
-        return acc
-
-    def merge_accumulators(self, accs):
-        it = iter(accs)
-        out = next(it, Counter())
-        for a in it:
-            out.update(a)
-        return out
-
-    def extract_output(self, acc):
-        return dict(acc)
 
 
 def _domain_pairs(element):
