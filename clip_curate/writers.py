@@ -66,9 +66,9 @@ def claim_output(out: str, *, resume: bool = False, overwrite: bool = False, fla
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: --resume keeps the earlier rows, "
                           "--overwrite removes them; pass one")
-    if overwrite:
+    if overwrite:  # the input is OUT itself (--retry-from OUT, a re-filter of OUT) or in a part it removes
         for src in inputs:
-            if src and "*" not in src and _same_place(out, src):
+            if src and "*" not in src and (_same_place(src, out) or any(_same_place(join(out, p), src) for p in parts)):
                 raise ConfigError(f"--overwrite would remove this run's own input {src!r} (it lies in {flag} "
                                   f"{out!r}); write to another {flag}")
     entries = _entries(out)

@@ -306,3 +306,12 @@ def test_overwrite_never_removes_the_runs_own_input(tmp_path):
         claim_output(str(out), overwrite=True, inputs=(str(out / "curated"), None))
     assert (out / "stats.json").exists()
     assert claim_output(str(out), overwrite=True, inputs=(str(tmp_path / "urls.parquet"),))
+
+
+def test_overwrite_keeps_inputs_beside_the_outputs(tmp_path):
+    """The demo's URL list lives in OUT/_world/: not a part --overwrite removes, so it is no conflict."""
+    out = tmp_path / "out"
+    (out / "_world").mkdir(parents=True)
+    (out / "stats.json").write_text("{}")
+    claim_output(str(out), overwrite=True, inputs=(str(out / "_world" / "urls.parquet"),))
+    assert (out / "_world").exists() and not (out / "stats.json").exists()
