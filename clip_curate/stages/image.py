@@ -1,18 +1,25 @@
 """Decode, validate and resize downloaded images; re-encode as JPEG.
 
-Pure core: ``process_image(raw, cfg)`` returns the stored-image fields or a (reason, detail) rejection.
+Pure core: ``process_image(raw, cfg, budget)`` returns the stored-image fields or a (reason, detail) rejection.
 Order: header-only open (format, dimensions; the decompression-bomb guard runs here, before any pixel is
-decoded and before the EXIF block is read) -> decode (JPEG: libjpeg-turbo via simplejpeg with DCT scaling
-straight to >= the target size; other formats and JPEGs simplejpeg refuses: Pillow with ``draft``) -> EXIF
-orientation -> RGB -> resize (img2dataset's modes, OpenCV) -> JPEG encode.
-``DecodeResize`` is the thin Beam wrapper.
+decoded and before the EXIF block is read) -> decode plan (the smallest decode that still covers the target:
+JPEG DCT scaling, else the full image; its peak memory is known from the header, and a plan that would not fit
+the worker's decode budget is rejected here) -> decode under the worker's :class:`PixelBudget` (JPEG:
+libjpeg-turbo via simplejpeg with DCT scaling straight to >= the target size; other formats and JPEGs
+simplejpeg refuses: Pillow with ``draft``, then converted and box-reduced strip by strip, so the full-size
+image is the only full-size buffer) -> EXIF orientation -> RGB -> resize (img2dataset's modes, OpenCV) ->
+JPEG encode, pHash and ORB keypoints of the stored image. ``DecodeResize`` is the thin Beam wrapper.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import os
+import struct
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
@@ -26,6 +33,12 @@ RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border")
 FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 _EXIF_ORIENTATION = 0x0112
 _BORDER_FILL = 255  # img2dataset pads ``border`` mode with white
+
+#: Default pixels decoded at once per worker process (2**27, 4 bytes each: 512 MiB of decode buffers). The
+#: default ``--max-pixels`` is the same figure, so any image the bomb guard lets through fits the budget alone.
+DECODE_PIXEL_BUDGET = 1 << 27
+#: ORB keypoints kept per stored image for near-duplicate dedup (``--orb-keypoints``).
+ORB_KEYPOINTS = 128
 
 
 @dataclass(frozen=True)
@@ -42,9 +55,17 @@ class ImageConfig:
     min_size: int = opt(0, "reject images whose shorter original side is below this many pixels (too_small; 0 = off)")
     max_aspect_ratio: float = opt(0.0, "reject images whose long/short side ratio exceeds this (bad_aspect_ratio; "
                                        "0 = off)")
-    max_pixels: int = opt(89_478_485, "decompression-bomb guard: reject images whose header declares more pixels "
-                                      "(too_large_pixels), without decoding them")
+    max_pixels: int = opt(DECODE_PIXEL_BUDGET, "decompression-bomb guard: reject images whose header declares "
+                                               "more pixels (too_large_pixels), without decoding them (default: "
+                                               "the --decode-pixel-budget default)")
+    decode_pixel_budget: int = opt(DECODE_PIXEL_BUDGET, "pixels (4 bytes each) being decoded at once per worker "
+                                                        "process, all its threads together: a decode waits for "
+                                                        "room, and an image whose decode alone needs more is "
+                                                        "rejected too_large_pixels before decoding")
     jpeg_quality: int = opt(95, "JPEG quality of stored images (1-100)")
+    orb_keypoints: int = opt(ORB_KEYPOINTS, "ORB keypoints stored per image (orb_keypoints column) for near-"
+                                            "duplicate dedup that survives crops and small rotations (0 = off: "
+                                            "near dedup then compares pHashes only)")
 
     def __post_init__(self):
         if self.image_size < 8:
@@ -55,6 +76,10 @@ class ImageConfig:
             raise ConfigError(f"--jpeg-quality: must be 1..100, got {self.jpeg_quality}")
         if self.max_pixels < 1:
             raise ConfigError(f"--max-pixels: must be >= 1, got {self.max_pixels}")
+        if self.decode_pixel_budget < 1 << 20:
+            raise ConfigError(f"--decode-pixel-budget: must be >= 1048576 (1 Mpx), got {self.decode_pixel_budget}")
+        if not 0 <= self.orb_keypoints <= 1024:
+            raise ConfigError(f"--orb-keypoints: must be 0..1024 (0 = off), got {self.orb_keypoints}")
         if self.min_size < 0:
             raise ConfigError(f"--min-size: must be >= 0 (0 = off), got {self.min_size}")
         if self.max_aspect_ratio != 0 and self.max_aspect_ratio < 1:
@@ -125,15 +150,127 @@ def output_size(width: int, height: int, cfg: ImageConfig) -> tuple[int, int] | 
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _decode_jpeg_fast(raw: bytes, width: int, height: int, min_w: int, min_h: int) -> np.ndarray | None:
-    """libjpeg-turbo decode of a ``width`` x ``height`` JPEG, DCT-scaled by 1/2, 1/4 or 1/8 while the result
-    stays >= (min_w, min_h); None when simplejpeg declines. (Power-of-two factors only: libjpeg's other n/8
-    factors are slower and measurably blurrier.)"""
+# ---------------------------------------------------------------------------------------------
+# Decode memory: the plan (known from the header), the per-worker budget, the decoders
+
+#: Bytes per pixel of a decoded Pillow image by mode (Pillow keeps multi-band 8-bit modes in 4 bytes).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+#: Extra bytes per pixel the Pillow decoder of a format holds besides the image: WebP goes through libwebp's
+#: animation decoder (its canvas and previous-frame RGBA buffers, then a bytes copy: 12), AVIF returns an RGBA
+#: frame that is copied in (4). Measured by ``bench/decode_memory.py --formats``.
+_DECODER_EXTRA = {"WEBP": 12, "AVIF": 4}
+_STRIP_PIXELS = 1 << 20  # conversion strips: about 1 Mpx (a few MB of temporaries per decoding thread)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How one image is decoded: ``factor`` (JPEG DCT scale 1/2/4/8, or the integer box reduction applied
+    strip by strip for other formats) and ``peak_bytes``, the full-size buffers the decode holds at once."""
+
+    factor: int
+    peak_bytes: int
+
+    @property
+    def pixels(self) -> int:
+        """The plan's cost in budget pixels (4 bytes each)."""
+        return -(-self.peak_bytes // 4)
+
+
+def _jpeg_coefficient_bytes(img: Image.Image, width: int, height: int) -> int:
+    """Bytes libjpeg buffers for a progressive JPEG's DCT coefficients (the whole image, whatever the scale)."""
+    layers = getattr(img, "layer", None) or [("", 1, 1, 0)] * max(1, len(img.getbands()))
+    hmax = max(lay[1] for lay in layers) or 1
+    vmax = max(lay[2] for lay in layers) or 1
+    blocks = sum(-(-(width * lay[1] // hmax) // 8) * -(-(height * lay[2] // vmax) // 8) for lay in layers)
+    return blocks * 64 * 2
+
+
+def plan_decode(img: Image.Image, width: int, height: int, min_w: int, min_h: int) -> DecodePlan:
+    """The smallest decode of a lazily opened ``width`` x ``height`` image that still covers ``min_w`` x ``min_h``,
+    and the memory it needs at its peak, from the header alone.
+
+    JPEG: DCT scaling by 1/2, 1/4 or 1/8 while the result stays >= the minimum (power-of-two factors only:
+    libjpeg's other n/8 factors are slower and measurably blurrier); the decoded image at that scale (4 bytes/px
+    when Pillow decodes it), plus the whole-image coefficient buffer of a progressive JPEG. Other formats cannot
+    decode smaller: the full image in Pillow's mode (1, 2 or 4 bytes/px; the WebP and AVIF decoders hold 12 and
+    4 more), reduced strip by strip by the integer factor that keeps >= the minimum; kept at full size (factor 1),
+    the RGB output array adds 3 bytes/px.
+    """
+    if img.format in ("JPEG", "MPO"):
+        factor = next((f for f in (8, 4, 2) if -(-width // f) >= min_w and -(-height // f) >= min_h), 1)
+        peak = -(-width // factor) * -(-height // factor) * 4
+        if img.info.get("progressive") or img.info.get("progression"):
+            peak += _jpeg_coefficient_bytes(img, width, height)
+        return DecodePlan(factor, peak)
+    factor = max(1, min(width // max(min_w, 1), height // max(min_h, 1)))
+    per_px = _MODE_BYTES.get(img.mode, 4) + _DECODER_EXTRA.get(img.format, 0) + (3 if factor == 1 else 0)
+    return DecodePlan(factor, width * height * per_px)
+
+
+class PixelBudget:
+    """Pixels being decoded at once by the threads of one worker process (a counting semaphore, first come
+    first served, so a large decode is not starved by a stream of small ones). A request larger than the
+    whole budget is capped to it (process_image rejects such images before asking)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self._free = self.capacity
+        self._cond = threading.Condition()
+        self._next = 0      # next ticket handed out
+        self._serving = 0   # ticket allowed to take pixels next
+        self.waits = 0      # acquisitions that had to wait (for tests and counters)
+        self.in_use_peak = 0
+
+    def acquire(self, pixels: int) -> int:
+        n = min(max(int(pixels), 0), self.capacity)
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            if ticket != self._serving or self._free < n:
+                self.waits += 1
+                self._cond.wait_for(lambda: ticket == self._serving and self._free >= n)
+            self._free -= n
+            self._serving += 1
+            self.in_use_peak = max(self.in_use_peak, self.capacity - self._free)
+            self._cond.notify_all()
+        return n
+
+    def release(self, pixels: int) -> None:
+        with self._cond:
+            self._free += pixels
+            self._cond.notify_all()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[int]:
+        n = self.acquire(pixels)
+        try:
+            yield n
+        finally:
+            self.release(n)
+
+
+_BUDGETS: dict[tuple[int, int], PixelBudget] = {}
+_BUDGETS_LOCK = threading.Lock()
+
+
+def pixel_budget(capacity: int) -> PixelBudget:
+    """This process's shared :class:`PixelBudget` of ``capacity`` pixels (one per process and capacity: every
+    image DoFn instance, whatever thread runs it, draws from the same one)."""
+    key = (os.getpid(), int(capacity))
+    with _BUDGETS_LOCK:
+        budget = _BUDGETS.get(key)
+        if budget is None:
+            budget = _BUDGETS[key] = PixelBudget(capacity)
+        return budget
+
+
+def _decode_jpeg_fast(raw: bytes, width: int, height: int, factor: int) -> np.ndarray | None:
+    """libjpeg-turbo decode of a ``width`` x ``height`` JPEG, DCT-scaled by 1/``factor``; None when simplejpeg
+    declines."""
     try:
         import simplejpeg
     except ImportError:
         return None
-    factor = next((f for f in (8, 4, 2) if -(-width // f) >= min_w and -(-height // f) >= min_h), 1)
     try:
         if factor == 1:
             return simplejpeg.decode_jpeg(raw, colorspace="RGB", fastdct=True, fastupsample=True)
@@ -143,19 +280,49 @@ def _decode_jpeg_fast(raw: bytes, width: int, height: int, min_w: int, min_h: in
         return None  # CMYK/YCCK, arithmetic coding, recoverable corruption...: Pillow decides
 
 
-def _decode_pillow(img: Image.Image, min_w: int, min_h: int) -> np.ndarray:
-    """Decode the first frame with Pillow (JPEG: ``draft`` DCT scaling) into an RGB uint8 array."""
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def _strip_to_rgb(strip: Image.Image, peak: float) -> Image.Image:
+    """One strip in any mode -> RGB (or L for wide greyscale): 16-bit data scaled (not truncated),
+    transparency composited on white as img2dataset does."""
+    if strip.mode in _WIDE_MODES:
+        arr = np.asarray(strip, dtype=np.float32)
+        return Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8), "L")
+    if strip.mode in _ALPHA_MODES or (strip.mode == "P" and "transparency" in strip.info):
+        rgba = strip.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return strip if strip.mode in ("RGB", "L") else strip.convert("RGB")
+
+
+def _decode_pillow(img: Image.Image, factor: int, min_w: int, min_h: int) -> np.ndarray:
+    """Decode the first frame with Pillow (JPEG: ``draft`` DCT scaling) into an RGB (or L) uint8 array,
+    box-reduced by ``factor`` (non-JPEG). Conversion and reduction run strip by strip, so apart from the
+    decoded image itself only ~1 Mpx temporaries and the (reduced) output exist."""
     if img.format in ("JPEG", "MPO"):
         img.draft(img.mode if img.mode in ("CMYK", "L") else "RGB", (min_w, min_h))
+        factor = 1  # draft already scaled
     img.load()  # frame 0 of GIF / WebP / TIFF / MPO
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0  # 16-bit data, or 8-bit data in a wide mode
-        img = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")  # composite on white, as img2dataset does
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return np.asarray(img.convert("RGB"))
+    w, h = img.size
+    peak = 255.0
+    if img.mode in _WIDE_MODES:
+        extrema = img.getextrema()
+        peak = 65535.0 if float(extrema[1]) > 255 else 255.0  # 16-bit data, or 8-bit data in a wide mode
+    rows = factor * max(1, _STRIP_PIXELS // max(1, w * factor))
+    out: np.ndarray | None = None
+    for y0 in range(0, h, rows):
+        strip = _strip_to_rgb(img.crop((0, y0, w, min(h, y0 + rows))), peak)
+        if factor > 1:
+            strip = strip.reduce(factor)
+        part = np.asarray(strip)
+        if out is None:
+            shape = (-(-h // factor), part.shape[1]) + part.shape[2:]
+            out = np.empty(shape, dtype=np.uint8)
+        oy = y0 // factor
+        out[oy:oy + part.shape[0]] = part
+    img.close()  # frees the full-size image now, not when the caller lets go of it
+    return out
 
 
 _ORIENT = {  # EXIF orientation -> the array transform PIL.ImageOps.exif_transpose applies
@@ -223,11 +390,97 @@ def phash_hex(arr: np.ndarray) -> str:
     return str(imagehash.phash(Image.fromarray(arr)))
 
 
-def process_image(raw: bytes | None, cfg: ImageConfig) -> ImageResult:
+# ---------------------------------------------------------------------------------------------
+# ORB keypoints of the stored image (near-duplicate dedup that survives crops)
+
+#: Keypoints are found on the stored image scaled to this shorter side (long side at most 4x it), so two
+#: copies of one photo are compared at one scale whatever their stored sizes.
+ORB_SIDE = 256
+_ORB_MAX_LONG = 4 * ORB_SIDE
+_ORB_VERSION = 1
+_ORB_HEAD = struct.Struct("<BHHH")   # version, working width, working height, keypoint count
+_ORB_POINT = np.dtype([("x", "<u2"), ("y", "<u2"), ("code", "<u8")])  # quarter pixels; first 64 descriptor bits
+_ORB_LOCAL = threading.local()
+#: A keypoint whose 256-bit descriptor is within this many bits of another keypoint's in the same image is
+#: dropped: repeated structure (checkerboards, tiles, brick walls) would match other pictures of the pattern.
+ORB_SELF_SIMILAR = 30
+
+
+def orb_keypoints(arr: np.ndarray, n: int = ORB_KEYPOINTS) -> bytes | None:
+    """The ``n`` strongest distinctive ORB keypoints of an RGB (or grey) array, packed for the
+    ``orb_keypoints`` column.
+
+    The array is scaled to a shorter side of :data:`ORB_SIDE` (long side at most 4x that); ``2n`` keypoints
+    are detected, those that repeat within the image (descriptor within :data:`ORB_SELF_SIMILAR` bits of
+    another's) are dropped, and the ``n`` strongest others keep their position (in quarter pixels) and the
+    first 64 bits of their rBRIEF descriptor. None when fewer than 8 remain (flat or purely repetitive images:
+    near dedup compares their pHash only). Layout: a
+    ``<BHHH`` header (version, working width, working height, count), then ``count`` records
+    ``<HHQ`` (x, y, code): 12 bytes per keypoint.
+    """
+    import cv2
+
+    if n <= 0:
+        return None
+    grey = arr if arr.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2GRAY)
+    h, w = grey.shape
+    scale = min(ORB_SIDE / min(h, w), _ORB_MAX_LONG / max(h, w))
+    ww, wh = max(1, round(w * scale)), max(1, round(h * scale))
+    if (ww, wh) != (w, h):
+        grey = cv2.resize(grey, (ww, wh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    orb = getattr(_ORB_LOCAL, "orb", None)
+    if orb is None or getattr(_ORB_LOCAL, "n", None) != n:  # detectors are not thread-safe: one per thread
+        orb = _ORB_LOCAL.orb = cv2.ORB_create(nfeatures=2 * n, scaleFactor=1.25, nlevels=4, edgeThreshold=31,
+                                             patchSize=31, fastThreshold=12)
+        _ORB_LOCAL.n = n
+    kps, desc = orb.detectAndCompute(grey, None)
+    if desc is None or len(kps) < 8:
+        return None
+    words = np.ascontiguousarray(desc).view("<u8")  # k x 4 words of 64 bits
+    nearest = np.empty(len(words), dtype=np.int64)
+    for i0 in range(0, len(words), 256):
+        d = np.bitwise_count(words[i0:i0 + 256, None, :] ^ words[None, :, :]).sum(axis=2, dtype=np.int64)
+        d[np.arange(len(d)), np.arange(i0, i0 + len(d))] = 256
+        nearest[i0:i0 + len(d)] = d.min(axis=1)
+    order = sorted((i for i in range(len(kps)) if nearest[i] > ORB_SELF_SIMILAR),
+                   key=lambda i: (-kps[i].response, kps[i].pt))[:n]
+    if len(order) < 8:
+        return None
+    rec = np.empty(len(order), dtype=_ORB_POINT)
+    rec["x"] = [min(65535, round(kps[i].pt[0] * 4)) for i in order]
+    rec["y"] = [min(65535, round(kps[i].pt[1] * 4)) for i in order]
+    rec["code"] = np.ascontiguousarray(desc[order, :8]).view("<u8").ravel()
+    return _ORB_HEAD.pack(_ORB_VERSION, ww, wh, len(order)) + rec.tobytes()
+
+
+def unpack_orb_keypoints(blob: Any) -> tuple[tuple[float, float], np.ndarray, np.ndarray] | None:
+    """``orb_keypoints`` bytes -> ((width, height), xy, codes): the working frame and positions in units of
+    its shorter side (float32, n x 2), the 64-bit codes (uint64). None for a missing or malformed value."""
+    if not blob:
+        return None
+    try:
+        blob = bytes(blob)
+        version, ww, wh, count = _ORB_HEAD.unpack_from(blob)
+    except (struct.error, TypeError, ValueError):
+        return None
+    if version != _ORB_VERSION or not ww or not wh or len(blob) != _ORB_HEAD.size + count * _ORB_POINT.itemsize:
+        return None
+    rec = np.frombuffer(blob, dtype=_ORB_POINT, offset=_ORB_HEAD.size)
+    unit = 4.0 * min(ww, wh)
+    xy = np.stack([rec["x"], rec["y"]], axis=1).astype(np.float32) / unit
+    return (ww / min(ww, wh), wh / min(ww, wh)), xy, rec["code"].astype(np.uint64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole stage for one image
+
+def process_image(raw: bytes | None, cfg: ImageConfig, budget: PixelBudget | None = None) -> ImageResult:
     """Raw downloaded bytes -> stored-image fields, or a rejection (reason, detail).
 
     Fields: ``image`` (JPEG), ``width``, ``height`` (stored), ``original_width``, ``original_height``
-    (as displayed, EXIF orientation applied), ``sha256`` (of ``raw``), ``phash`` (of the stored image).
+    (as displayed, EXIF orientation applied), ``sha256`` (of ``raw``), ``phash`` and ``orb_keypoints`` (of
+    the stored image). ``budget``: the worker's shared :class:`PixelBudget` the decode draws from (None: this
+    call alone; the plan is still checked against ``cfg.decode_pixel_budget``).
     """
     if not raw:
         return _reject("empty_body", "0 bytes")
@@ -257,14 +510,23 @@ def process_image(raw: bytes | None, cfg: ImageConfig) -> ImageResult:
     else:
         tw, th = (target[1], target[0]) if orientation in (5, 6, 7, 8) else target
         min_w, min_h = min(w, tw), min(h, th)
+    plan = plan_decode(img, w, h, min_w, min_h)
+    capacity = budget.capacity if budget is not None else cfg.decode_pixel_budget
+    if plan.pixels > capacity:
+        return _reject("too_large_pixels", f"{fmt} {img.mode} {w}x{h} = {w * h} pixels: decoding needs "
+                                           f"{plan.peak_bytes / 2**20:.0f} MiB = {plan.pixels} budget pixels > "
+                                           f"--decode-pixel-budget {capacity}")
     try:
-        arr = _decode_jpeg_fast(raw, w, h, min_w, min_h) if fmt in ("JPEG", "MPO") else None
-        if arr is None:
-            arr = _decode_pillow(img, min_w, min_h)
+        with (budget.hold(plan.pixels) if budget is not None else _no_hold()):
+            arr = _decode_jpeg_fast(raw, w, h, plan.factor) if fmt in ("JPEG", "MPO") else None
+            if arr is None:
+                arr = _decode_pillow(img, plan.factor, min_w, min_h)
     except Image.DecompressionBombError as exc:
         return _reject("too_large_pixels", str(exc))
     except Exception as exc:  # truncated, corrupt, unsupported mode
         return _reject("decode_error", f"{fmt}: {type(exc).__name__}: {exc}")
+    finally:
+        img.close()
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     out = resize(apply_orientation(arr, orientation), cfg, (ow, oh))
@@ -274,7 +536,13 @@ def process_image(raw: bytes | None, cfg: ImageConfig) -> ImageResult:
         "original_width": int(ow), "original_height": int(oh),
         "sha256": hashlib.sha256(raw).hexdigest(),
         "phash": phash_hex(out),
+        "orb_keypoints": orb_keypoints(out, cfg.orb_keypoints),
     })
+
+
+@contextmanager
+def _no_hold() -> Iterator[None]:
+    yield None
 
 
 class _DecodeResizeFn(RowFilter):
@@ -284,13 +552,14 @@ class _DecodeResizeFn(RowFilter):
         import cv2
 
         cv2.setNumThreads(1)  # one image per thread; Beam parallelises across threads and workers
+        self._budget = pixel_budget(self.config.decode_pixel_budget)  # shared by the process's threads
 
     def judge(self, row):
         row = dict(row)  # never mutate an input element
         raw = row.pop("image_bytes", None)
         if raw is None:
             raw = row.get("image")  # pool rows that already hold an image
-        result = process_image(raw, self.config)
+        result = process_image(raw, self.config, self._budget)
         if result.reason:
             return Verdict(row, result.reason, result.detail)
         row.update(result.fields)
@@ -301,8 +570,9 @@ class DecodeResize(RowStage):
     """Rows with ``image_bytes`` -> ``(kept, rejected)``.
 
     Kept rows lose ``image_bytes`` and gain ``image`` (JPEG), ``width``, ``height``, ``original_width``,
-    ``original_height``, ``sha256`` and ``phash``; rejected rows carry stage ``image`` and a reason from
-    ``records.REASONS["image"]``. A row without ``image_bytes`` but with ``image`` (a pool) is re-processed.
+    ``original_height``, ``sha256``, ``phash`` and ``orb_keypoints``; rejected rows carry stage ``image``
+    and a reason from ``records.REASONS["image"]``. A row without ``image_bytes`` but with ``image`` (a pool)
+    is re-processed. Decodes of one worker process draw from one shared :class:`PixelBudget`.
     """
 
     def __init__(self, config: ImageConfig):

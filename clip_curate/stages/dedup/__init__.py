@@ -139,15 +139,15 @@ def _compact(row: dict) -> dict:
     emb = row.get("image_embedding")
     return {"uid": str(row["uid"]), "rank": rank_key(row), "url": normalize_url(row.get("url")),
             "sha": row.get("sha256"), "caption": normalize_caption(row.get("caption")),
-            "phash": phash_int(row.get("phash")),
+            "phash": phash_int(row.get("phash")), "orb": row.get("orb_keypoints"),
             "emb": None if emb is None else np.asarray(emb, dtype=np.float32)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Rows of earlier runs (--resume, --chunk-rows): they take part in the keys as already-decided rows
 
-PRIOR_COLUMNS = ("uid", "url", "caption", "stage", "sha256", "phash", "image_embedding", "embed_model",
-                 "clip_score", "width", "height", "original_width", "original_height")
+PRIOR_COLUMNS = ("uid", "url", "caption", "stage", "sha256", "phash", "orb_keypoints", "image_embedding",
+                 "embed_model", "clip_score", "width", "height", "original_width", "original_height")
 
 
 def prior_records(item: tuple[str, str], stages: Sequence[str], embed_model: str | None = None) -> Iterator[dict]:

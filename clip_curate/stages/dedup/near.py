@@ -1,19 +1,34 @@
-"""Dedup kind ``near``: perceptual-hash near duplicates (re-encodes, resizes, colour shifts).
+"""Dedup kind ``near``: copies of one picture — re-encodes, resizes, brightness and colour shifts (pHash),
+and crops of up to ~10 % per side and small rotations (ORB keypoints). Two paths, one reason
+(``duplicate_near``), the same rule: a row is dropped when a better-ranked row sharing one of its keys is
+within the threshold.
 
-Keys: the pHash split into bands (LSH): two hashes within Hamming distance h share at least one band
-when the 64 bits are cut into h + 1 bands. Within a band bucket, :func:`near_best_dropper` finds each
+pHash path. Keys: the pHash split into bands (LSH): two hashes within Hamming distance h share at least one
+band when the 64 bits are cut into h + 1 bands. Within a band bucket, :func:`near_best_dropper` finds each
 member's best-ranked member within distance h.
+
+Keypoint path (rows with ``orb_keypoints``, computed by the image stage). Keys: each keypoint's 64-bit code
+cut into :data:`LOCAL_BANDS` 16-bit bands; a keypoint is keyed under each ``(band, value)``. Within a bucket,
+keypoints whose whole codes are within :data:`LOCAL_CODE_HAMMING` bits become correspondences between the
+worse-ranked row and (at most :data:`LOCAL_CANDIDATES` of) the better-ranked rows
+(:func:`bucket_correspondences`); a row pair's correspondences from all buckets are then checked together
+(:func:`match_keypoints`): "within the threshold" means at least :data:`LOCAL_MIN_INLIERS` keypoints on
+each side agree with one similarity transform (scale 1/1.6..1.6, rotation <= 6 degrees, to 1.5 % of the
+shorter side), and the two frames, aligned by it, overlap by at least :data:`LOCAL_MIN_IOU` of their union
+(a crop keeping >= 64 % of the picture is a copy; another region of the same photo, or two halves of a
+panorama, are different pictures).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
 
 from clip_curate.records import METRICS_NAMESPACE as NS
 from clip_curate.stages.dedup.core import DedupKind, KindInputs, register_kind
-from clip_curate.stages.dedup.rule import decide_bucket
+from clip_curate.stages.dedup.rule import decide_bucket, is_prior
+from clip_curate.stages.image import unpack_orb_keypoints
 
 
 def band_masks(hamming: int, bits: Sequence[int] = tuple(range(64))) -> list[int]:
@@ -163,12 +178,237 @@ class _NearKeys(beam.DoFn):
             yield (b, m["phash"] & mask), member
 
 
+# ---------------------------------------------------------------------------------------------
+# Keypoint path: crops and small rotations
+
+LOCAL_BANDS = 4            # 16-bit bands of a keypoint's 64-bit code; a keypoint is keyed under each
+LOCAL_CODE_HAMMING = 16    # codes within this many bits (of 64) make a correspondence
+LOCAL_CANDIDATES = 8       # per keypoint and bucket: correspondences to the closest better-ranked rows only
+LOCAL_MAX_BUCKET = 4096    # a bigger bucket is split by the next band (bounded work; counted)
+LOCAL_MAX_CORRESPONDENCES = 256  # per row pair (the closest codes are kept)
+LOCAL_MIN_INLIERS = 7      # keypoints on each side that one similarity transform maps onto each other
+LOCAL_TOLERANCE = 0.015    # of the shorter side (3.8 px at the 256 px working size)
+LOCAL_MAX_SCALE = 1.6      # relative scale of the two frames (both are normalised to their shorter side)
+LOCAL_MAX_ROTATION = 6.0   # degrees
+LOCAL_MIN_IOU = 0.4        # overlap / union of the two aligned frames
+_BAND_MASK = np.uint64(0xFFFF)
+
+
+def local_keys(codes: np.ndarray) -> Iterator[tuple[tuple[int, int], int]]:
+    """``((band, value), keypoint index)`` for every keypoint and band."""
+    codes = np.asarray(codes, dtype=np.uint64)
+    for b in range(LOCAL_BANDS):
+        values = ((codes >> np.uint64(16 * b)) & _BAND_MASK).tolist()
+        for i, v in enumerate(values):
+            yield (b, v), i
+
+
+def bucket_correspondences(band: int, members: Sequence[tuple], split_counter=None, depth: int = 0
+                           ) -> Iterator[tuple]:
+    """One keypoint bucket -> ``((worse_uid, better_uid), (worse_rank, better_rank, worse_frame,
+    better_frame, (code_distance, i, xi, yi, j, xj, yj)))`` for each keypoint i of a row and its closest
+    better-ranked keypoints j of other rows (codes within :data:`LOCAL_CODE_HAMMING`, at most
+    :data:`LOCAL_CANDIDATES`). Members are ``(rank, i, x, y, code, frame)``; rows of earlier runs are never
+    the worse row (they are final). A bucket over :data:`LOCAL_MAX_BUCKET` members is split by the next
+    band's value (its rows must then share two bands)."""
+    ms = sorted(members, key=lambda m: (m[0], m[1]))
+    if len(ms) < 2:
+        return
+    if len(ms) > LOCAL_MAX_BUCKET and depth < LOCAL_BANDS - 1:
+        if split_counter is not None:
+            split_counter.inc()
+        shift = np.uint64(16 * ((band + depth + 1) % LOCAL_BANDS))
+        subs: dict[int, list] = {}
+        for m in ms:
+            subs.setdefault(int((np.uint64(m[4]) >> shift) & _BAND_MASK), []).append(m)
+        for sub in subs.values():
+            yield from bucket_correspondences(band, sub, split_counter, depth + 1)
+        return
+    codes = np.array([m[4] for m in ms], dtype=np.uint64)
+    uids = [m[0][2] for m in ms]
+    uid_ids = np.unique(np.array(uids, dtype=object), return_inverse=True)[1].reshape(-1)
+    n = len(ms)
+    block = 512
+    for i0 in range(1, n, block):
+        i1 = min(i0 + block, n)
+        dist = np.bitwise_count(codes[i0:i1, None] ^ codes[None, :i1]).astype(np.int16)
+        rows = np.arange(i0, i1)
+        ok = (np.arange(i1)[None, :] < rows[:, None]) & (dist <= LOCAL_CODE_HAMMING)
+        ok &= uid_ids[None, :i1] != uid_ids[rows, None]
+        for r in np.nonzero(ok.any(axis=1))[0]:
+            i = i0 + int(r)
+            x = ms[i]
+            if is_prior(x[0]):
+                continue
+            cand = np.nonzero(ok[r])[0]
+            cand = cand[np.lexsort((cand, dist[r, cand]))][:LOCAL_CANDIDATES]
+            for j in cand.tolist():
+                y = ms[j]
+                yield (uids[i], uids[j]), (x[0], y[0], x[5], y[5],
+                                           (int(dist[r, j]), x[1], x[2], x[3], y[1], y[2], y[3]))
+
+
+def _similarities(p: np.ndarray, q: np.ndarray, ki: np.ndarray, kj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Similarity transforms ``z -> a z + b`` (complex) through every two correspondences with distinct,
+    not too close keypoints, within the scale and rotation bounds."""
+    idx_i, idx_j = np.triu_indices(len(p), 1)
+    dp = p[idx_j] - p[idx_i]
+    ok = (np.abs(dp) >= 0.05) & (ki[idx_i] != ki[idx_j]) & (kj[idx_i] != kj[idx_j])
+    idx_i, idx_j, dp = idx_i[ok], idx_j[ok], dp[ok]
+    a = (q[idx_j] - q[idx_i]) / dp
+    scale = np.abs(a)
+    ok = (scale >= 1 / LOCAL_MAX_SCALE) & (scale <= LOCAL_MAX_SCALE) & \
+        (np.abs(np.angle(a, deg=True)) <= LOCAL_MAX_ROTATION)
+    a = a[ok]
+    return a, q[idx_i[ok]] - a * p[idx_i[ok]]
+
+
+def _clip_area(poly: list[complex], width: float, height: float) -> float:
+    """Area of a convex polygon (complex vertices) clipped to the rectangle [0, width] x [0, height]."""
+    def clip(pts, inside, cross):
+        out = []
+        for k in range(len(pts)):
+            cur, prev = pts[k], pts[k - 1]
+            if inside(cur):
+                if not inside(prev):
+                    out.append(cross(prev, cur))
+                out.append(cur)
+            elif inside(prev):
+                out.append(cross(prev, cur))
+        return out
+
+    def at_x(x0):
+        return lambda s, e: complex(x0, s.imag + (e.imag - s.imag) * (x0 - s.real) / (e.real - s.real))
+
+    def at_y(y0):
+        return lambda s, e: complex(s.real + (e.real - s.real) * (y0 - s.imag) / (e.imag - s.imag), y0)
+
+    pts = list(poly)
+    for inside, cross in ((lambda z: z.real >= 0, at_x(0.0)), (lambda z: z.real <= width, at_x(width)),
+                          (lambda z: z.imag >= 0, at_y(0.0)), (lambda z: z.imag <= height, at_y(height))):
+        pts = clip(pts, inside, cross)
+        if not pts:
+            return 0.0
+    return 0.5 * abs(sum((pts[k - 1].real * pts[k].imag - pts[k].real * pts[k - 1].imag) for k in range(len(pts))))
+
+
+def match_keypoints(corr: Iterable[tuple], frame_x: tuple[float, float], frame_y: tuple[float, float],
+                    min_inliers: int = 2) -> tuple[int, float]:
+    """Correspondences ``(code_distance, i, xi, yi, j, xj, yj)`` between rows x and y -> ``(inliers, iou)``.
+
+    ``inliers``: the most keypoints (counted once on each side, the smaller side) that one similarity
+    transform x -> y maps to within :data:`LOCAL_TOLERANCE`; ``iou``: the overlap of x's frame mapped by that
+    transform with y's frame, over their union. Deterministic (every pair of correspondences is a hypothesis).
+    Pairs with fewer than ``min_inliers`` distinct keypoints on a side return ``(0, 0.0)`` at once.
+    """
+    corr = sorted(set(corr))[:LOCAL_MAX_CORRESPONDENCES]
+    if min(len({t[1] for t in corr}), len({t[4] for t in corr})) < min_inliers:
+        return 0, 0.0  # too few distinct keypoints to ever reach the threshold: most pairs stop here
+    c = np.array(corr, dtype=np.float64)
+    ki, kj = c[:, 1].astype(np.int64), c[:, 4].astype(np.int64)
+    p, q = c[:, 2] + 1j * c[:, 3], c[:, 5] + 1j * c[:, 6]
+    a, b = _similarities(p, q, ki, kj)
+    if not len(a):
+        return 0, 0.0
+    counts = np.concatenate([(np.abs(a[s:s + 2048, None] * p[None] + b[s:s + 2048, None] - q[None])
+                              <= LOCAL_TOLERANCE).sum(axis=1) for s in range(0, len(a), 2048)])
+    best, best_h = 0, -1
+    for h in np.lexsort((np.arange(len(counts)), -counts))[:16].tolist():
+        if counts[h] <= best:
+            break
+        hit = np.abs(a[h] * p + b[h] - q) <= LOCAL_TOLERANCE
+        n = min(len(set(ki[hit].tolist())), len(set(kj[hit].tolist())))
+        if n > best:
+            best, best_h = n, h
+    if best_h < 0:
+        return 0, 0.0
+    ah, bh = a[best_h], b[best_h]
+    wx, hx = frame_x
+    corners = [ah * z + bh for z in (0j, complex(wx, 0), complex(wx, hx), complex(0, hx))]
+    inter = _clip_area(corners, frame_y[0], frame_y[1])
+    union = abs(ah) ** 2 * wx * hx + frame_y[0] * frame_y[1] - inter
+    return best, (inter / union if union > 0 else 0.0)
+
+
+def is_keypoint_copy(inliers: int, iou: float) -> bool:
+    """The keypoint path's threshold."""
+    return inliers >= LOCAL_MIN_INLIERS and iou >= LOCAL_MIN_IOU
+
+
+class _LocalKeys(beam.DoFn):
+    def __init__(self):
+        self._missing = beam.metrics.Metrics.counter(NS, "dedup_near_no_keypoints")
+
+    def process(self, m):
+        sig = unpack_orb_keypoints(m.get("orb"))
+        if sig is None:
+            self._missing.inc()
+            return
+        frame, xy, codes = sig
+        pts = xy.tolist()
+        codes_list = codes.tolist()
+        for key, i in local_keys(codes):
+            yield key, (m["rank"], i, pts[i][0], pts[i][1], codes_list[i], frame)
+
+
+class _LocalMatch(beam.DoFn):
+    def __init__(self):
+        self._split = beam.metrics.Metrics.counter(NS, "dedup_near_keypoint_buckets_split")
+
+    def process(self, kv):
+        (band, _), members = kv
+        yield from bucket_correspondences(band, list(members), self._split)
+
+
+class _CollectCorrespondences(beam.CombineFn):
+    """A row pair's correspondences from every bucket: ``(header, [correspondence, ...])``, the header
+    (ranks and frames) kept once, so partial combines before the shuffle carry it once per pair."""
+
+    def create_accumulator(self):
+        return None, []
+
+    def add_input(self, acc, value):
+        acc[1].append(value[4])
+        return (acc[0] or value[:4]), acc[1]
+
+    def merge_accumulators(self, accs):
+        head, corr = None, []
+        for h, c in accs:
+            head = head or h
+            corr.extend(c)
+        return head, corr
+
+    def extract_output(self, acc):
+        return acc
+
+
+class _LocalVerify(beam.DoFn):
+    def __init__(self):
+        self._pairs = beam.metrics.Metrics.counter(NS, "dedup_near_keypoint_pairs")
+        self._copies = beam.metrics.Metrics.counter(NS, "dedup_near_keypoint_copies")
+
+    def process(self, kv):
+        (x_uid, y_uid), ((_, y_rank, frame_x, frame_y), corr) = kv
+        self._pairs.inc()
+        inliers, iou = match_keypoints(corr, frame_x, frame_y, LOCAL_MIN_INLIERS)
+        if is_keypoint_copy(inliers, iou):
+            self._copies.inc()
+            yield x_uid, ("duplicate_near", y_uid, y_rank)
+
+
 def _decisions(inp: KindInputs):
     h = inp.config.near_dup_hamming
-    return (inp.members
-            | "NearKeys" >> beam.ParDo(_NearKeys(h))
-            | "NearGroup" >> beam.GroupByKey()
-            | "NearDecide" >> beam.FlatMap(decide_bucket, "near", h))
+    by_phash = (inp.members
+                | "NearKeys" >> beam.ParDo(_NearKeys(h))
+                | "NearGroup" >> beam.GroupByKey()
+                | "NearDecide" >> beam.FlatMap(decide_bucket, "near", h))
+    by_keypoints = (inp.members
+                    | "KeypointKeys" >> beam.ParDo(_LocalKeys())
+                    | "KeypointGroup" >> beam.GroupByKey()
+                    | "KeypointMatch" >> beam.ParDo(_LocalMatch())
+                    | "KeypointPairs" >> beam.CombinePerKey(_CollectCorrespondences())
+                    | "KeypointVerify" >> beam.ParDo(_LocalVerify()))
+    return (by_phash, by_keypoints) | "NearPaths" >> beam.Flatten()
 
 
 register_kind(DedupKind(
