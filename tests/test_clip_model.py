@@ -173,7 +173,7 @@ def test_offline_hub_is_one_clear_error(monkeypatch, tmp_path, name, tag):
     cfg = ModelConfig(clip_model=name, clip_pretrained=tag)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match=r"weights are not cached and can't be fetched \(HF_HUB_OFFLINE is set\)"
-                                          r".*--clip-pretrained FILE"):
+                                          r".*--clip-model local-dir:DIR"):
         validate_model_config(cfg)
     # Not flagged offline, but the hub endpoint refuses connections: the quick probe says so.
     monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -229,5 +229,5 @@ def test_model_id_follows_weights(tmp_path, tiny):
     sd["logit_scale"] = sd["logit_scale"] + 1
     save_file(sd, str(d / "open_clip_model.safetensors"))
     assert model_id(cfg) != first
-    assert model_id(ModelConfig(clip_model="ViT-B-32")) == "ViT-B-32@random-init"
+    assert model_id(ModelConfig(clip_model="ViT-B-32", clip_pretrained="none")) == "ViT-B-32@random-init"
     assert model_id(ModelConfig(clip_model="ViT-B-32", clip_pretrained="openai")) == "ViT-B-32@openai"

@@ -246,7 +246,7 @@ def test_refilter_with_other_preprocessing_recomputes(pool, first_pass, caplog):
 @pytest.mark.slow
 def test_refilter_refuses_its_own_input_as_output_and_dedup_less_take_back(first_pass, tmp_path, capsys):
     out_t0, _ = first_pass
-    assert cli_main(["run", "--input", str(out_t0), "--output", str(out_t0)]) == 2
+    assert cli_main(["run", "--input", str(out_t0), "--output", str(out_t0)] + COMMON[:2]) == 2  # its model
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is the input being re-filtered" in err
     assert cli_main(["run", "--input", str(out_t0), "--include-rejected", "--stages", "clip",

@@ -293,7 +293,7 @@ def test_concept_check_on_synthetic_world(run_safety):
         embs = torch.nn.functional.normalize(embs, dim=-1).numpy()
     rows = [_row(it.uid, it.caption, None, e) for it, e in zip(world.items, embs)]
     cfg = SafetyConfig(nsfw_classifier=False, caption_safety=False, unsafe_concepts=UNSAFE_CONCEPT_PROMPTS,
-                       neutral_concepts=NEUTRAL_CONCEPT_PROMPTS)
+                       neutral_concepts=NEUTRAL_CONCEPT_PROMPTS, nsfw_concept=True)  # its card leaves it off
     kept, rejected = run_safety(rows, cfg, model_config=model_config)
     truth = {it.uid: bool(it.truth["unsafe"]) for it in world.items}
     flagged = set(rejected)
