@@ -34,9 +34,13 @@ FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 _EXIF_ORIENTATION = 0x0112
 _BORDER_FILL = 255  # img2dataset pads ``border`` mode with white
 
-#: Default pixels decoded at once per worker process (2**27, 4 bytes each: 512 MiB of decode buffers). The
-#: default ``--max-pixels`` is the same figure, so any image the bomb guard lets through fits the budget alone.
+#: Default pixels decoded at once per worker process (2**27, 4 bytes each: 512 MiB of decode buffers).
 DECODE_PIXEL_BUDGET = 1 << 27
+#: Budget pixels a decode needs besides the image itself at most: conversion strips and the reduced copies (8 MiB).
+DECODE_RESERVE_PIXELS = 1 << 21
+#: Default ``--max-pixels``: the largest RGB image (4 bytes/px in Pillow) whose decode fits the default budget
+#: alone, 132,120,576 pixels (about 11,494 x 11,494).
+MAX_PIXELS = DECODE_PIXEL_BUDGET - DECODE_RESERVE_PIXELS
 #: ORB keypoints kept per stored image for near-duplicate dedup (``--orb-keypoints``).
 ORB_KEYPOINTS = 128
 
@@ -55,9 +59,9 @@ class ImageConfig:
     min_size: int = opt(0, "reject images whose shorter original side is below this many pixels (too_small; 0 = off)")
     max_aspect_ratio: float = opt(0.0, "reject images whose long/short side ratio exceeds this (bad_aspect_ratio; "
                                        "0 = off)")
-    max_pixels: int = opt(DECODE_PIXEL_BUDGET, "decompression-bomb guard: reject images whose header declares "
-                                               "more pixels (too_large_pixels), without decoding them (default: "
-                                               "the --decode-pixel-budget default)")
+    max_pixels: int = opt(MAX_PIXELS, "decompression-bomb guard: reject images whose header declares more "
+                                      "pixels (too_large_pixels), without decoding them (default: the largest RGB "
+                                      "image whose decode fits the default --decode-pixel-budget)")
     decode_pixel_budget: int = opt(DECODE_PIXEL_BUDGET, "pixels (4 bytes each) being decoded at once per worker "
                                                         "process, all its threads together: a decode waits for "
                                                         "room, and an image whose decode alone needs more is "
@@ -157,9 +161,11 @@ def output_size(width: int, height: int, cfg: ImageConfig) -> tuple[int, int] | 
 _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 #: Extra bytes per pixel the Pillow decoder of a format holds besides the image: WebP goes through libwebp's
 #: animation decoder (its canvas and previous-frame RGBA buffers, then a bytes copy: 12), AVIF returns an RGBA
-#: frame that is copied in (4). Measured by ``bench/decode_memory.py --formats``.
-_DECODER_EXTRA = {"WEBP": 12, "AVIF": 4}
-_STRIP_PIXELS = 1 << 20  # conversion strips: about 1 Mpx (a few MB of temporaries per decoding thread)
+#: frame that is copied in (6: measured 9.2 bytes/px in all). Measured by ``bench/decode_memory.py --formats``.
+_DECODER_EXTRA = {"WEBP": 12, "AVIF": 6}
+_STRIP_PIXELS = 1 << 18  # conversion tiles: about 256 Kpx
+_STRIP_BYTES_PER_PX = 20  # a tile's temporaries (crop, RGBA, white, composite, RGB; 4 bytes/px each)
+_REDUCED_BYTES_PER_PX = 6  # the reduced RGB array and one copy of it (orientation, grey -> RGB)
 
 
 @dataclass(frozen=True)
@@ -193,18 +199,21 @@ def plan_decode(img: Image.Image, width: int, height: int, min_w: int, min_h: in
     libjpeg's other n/8 factors are slower and measurably blurrier); the decoded image at that scale (4 bytes/px
     when Pillow decodes it), plus the whole-image coefficient buffer of a progressive JPEG. Other formats cannot
     decode smaller: the full image in Pillow's mode (1, 2 or 4 bytes/px; the WebP and AVIF decoders hold 12 and
-    4 more), reduced strip by strip by the integer factor that keeps >= the minimum; kept at full size (factor 1),
-    the RGB output array adds 3 bytes/px.
+    6 more), converted and reduced tile by tile by the integer factor that keeps >= the minimum. Both: a tile's
+    temporaries and the reduced RGB array with one copy (6 bytes per reduced pixel; at factor 1 that is
+    the full size).
     """
     if img.format in ("JPEG", "MPO"):
         factor = next((f for f in (8, 4, 2) if -(-width // f) >= min_w and -(-height // f) >= min_h), 1)
-        peak = -(-width // factor) * -(-height // factor) * 4
+        image = -(-width // factor) * -(-height // factor) * 4
         if img.info.get("progressive") or img.info.get("progression"):
-            peak += _jpeg_coefficient_bytes(img, width, height)
-        return DecodePlan(factor, peak)
-    factor = max(1, min(width // max(min_w, 1), height // max(min_h, 1)))
-    per_px = _MODE_BYTES.get(img.mode, 4) + _DECODER_EXTRA.get(img.format, 0) + (3 if factor == 1 else 0)
-    return DecodePlan(factor, width * height * per_px)
+            image += _jpeg_coefficient_bytes(img, width, height)
+    else:
+        factor = max(1, min(width // max(min_w, 1), height // max(min_h, 1)))
+        image = width * height * (_MODE_BYTES.get(img.mode, 4) + _DECODER_EXTRA.get(img.format, 0))
+    reduced = -(-width // factor) * -(-height // factor)
+    tile = min(width * height, max(_STRIP_PIXELS, factor * factor))
+    return DecodePlan(factor, image + tile * _STRIP_BYTES_PER_PX + reduced * _REDUCED_BYTES_PER_PX)
 
 
 class PixelBudget:
@@ -264,6 +273,28 @@ def pixel_budget(capacity: int) -> PixelBudget:
         return budget
 
 
+_MALLOC_TUNED: list[bool] = []
+
+
+def return_large_buffers_to_os() -> bool:
+    """glibc: serve allocations of 1 MiB and more by mmap, so a freed decode buffer goes back to the OS at once.
+
+    glibc's adaptive threshold otherwise rises to 32 MiB after the first big free, and later image buffers come
+    from per-thread arenas that keep the memory: a worker's RSS then grows with threads x image size whatever
+    the decode budget. Process-wide, done once per process; False where there is no glibc ``mallopt``.
+    """
+    if not _MALLOC_TUNED:
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _MALLOC_TUNED.append(bool(libc.mallopt(-3, 1 << 20)))  # M_MMAP_THRESHOLD = -3
+        except (OSError, AttributeError, TypeError):
+            _MALLOC_TUNED.append(False)
+    return _MALLOC_TUNED[0]
+
+
 def _decode_jpeg_fast(raw: bytes, width: int, height: int, factor: int) -> np.ndarray | None:
     """libjpeg-turbo decode of a ``width`` x ``height`` JPEG, DCT-scaled by 1/``factor``; None when simplejpeg
     declines."""
@@ -298,8 +329,8 @@ def _strip_to_rgb(strip: Image.Image, peak: float) -> Image.Image:
 
 def _decode_pillow(img: Image.Image, factor: int, min_w: int, min_h: int) -> np.ndarray:
     """Decode the first frame with Pillow (JPEG: ``draft`` DCT scaling) into an RGB (or L) uint8 array,
-    box-reduced by ``factor`` (non-JPEG). Conversion and reduction run strip by strip, so apart from the
-    decoded image itself only ~1 Mpx temporaries and the (reduced) output exist."""
+    box-reduced by ``factor`` (non-JPEG). Conversion and reduction run tile by tile, so apart from the decoded
+    image itself only ~256 Kpx temporaries and the (reduced) output exist."""
     if img.format in ("JPEG", "MPO"):
         img.draft(img.mode if img.mode in ("CMYK", "L") else "RGB", (min_w, min_h))
         factor = 1  # draft already scaled
@@ -309,18 +340,21 @@ def _decode_pillow(img: Image.Image, factor: int, min_w: int, min_h: int) -> np.
     if img.mode in _WIDE_MODES:
         extrema = img.getextrema()
         peak = 65535.0 if float(extrema[1]) > 255 else 255.0  # 16-bit data, or 8-bit data in a wide mode
+    # Tiles of about _STRIP_PIXELS whose sides are multiples of ``factor``: each reduces to whole output pixels,
+    # so the result equals reducing the whole converted image.
     rows = factor * max(1, _STRIP_PIXELS // max(1, w * factor))
+    cols = min(w, factor * max(1, _STRIP_PIXELS // (rows * factor)))
     out: np.ndarray | None = None
     for y0 in range(0, h, rows):
-        strip = _strip_to_rgb(img.crop((0, y0, w, min(h, y0 + rows))), peak)
-        if factor > 1:
-            strip = strip.reduce(factor)
-        part = np.asarray(strip)
-        if out is None:
-            shape = (-(-h // factor), part.shape[1]) + part.shape[2:]
-            out = np.empty(shape, dtype=np.uint8)
-        oy = y0 // factor
-        out[oy:oy + part.shape[0]] = part
+        for x0 in range(0, w, cols):
+            tile = _strip_to_rgb(img.crop((x0, y0, min(w, x0 + cols), min(h, y0 + rows))), peak)
+            if factor > 1:
+                tile = tile.reduce(factor)
+            part = np.asarray(tile)
+            if out is None:
+                out = np.empty((-(-h // factor), -(-w // factor)) + part.shape[2:], dtype=np.uint8)
+            oy, ox = y0 // factor, x0 // factor
+            out[oy:oy + part.shape[0], ox:ox + part.shape[1]] = part
     img.close()  # frees the full-size image now, not when the caller lets go of it
     return out
 
@@ -516,20 +550,21 @@ def process_image(raw: bytes | None, cfg: ImageConfig, budget: PixelBudget | Non
         return _reject("too_large_pixels", f"{fmt} {img.mode} {w}x{h} = {w * h} pixels: decoding needs "
                                            f"{plan.peak_bytes / 2**20:.0f} MiB = {plan.pixels} budget pixels > "
                                            f"--decode-pixel-budget {capacity}")
-    try:
-        with (budget.hold(plan.pixels) if budget is not None else _no_hold()):
+    with (budget.hold(plan.pixels) if budget is not None else _no_hold()):
+        try:
             arr = _decode_jpeg_fast(raw, w, h, plan.factor) if fmt in ("JPEG", "MPO") else None
             if arr is None:
                 arr = _decode_pillow(img, plan.factor, min_w, min_h)
-    except Image.DecompressionBombError as exc:
-        return _reject("too_large_pixels", str(exc))
-    except Exception as exc:  # truncated, corrupt, unsupported mode
-        return _reject("decode_error", f"{fmt}: {type(exc).__name__}: {exc}")
-    finally:
-        img.close()
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    out = resize(apply_orientation(arr, orientation), cfg, (ow, oh))
+        except Image.DecompressionBombError as exc:
+            return _reject("too_large_pixels", str(exc))
+        except Exception as exc:  # truncated, corrupt, unsupported mode
+            return _reject("decode_error", f"{fmt}: {type(exc).__name__}: {exc}")
+        finally:
+            img.close()
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        out = resize(apply_orientation(arr, orientation), cfg, (ow, oh))
+        del arr
     return ImageResult(fields={
         "image": encode_jpeg(out, cfg.jpeg_quality),
         "width": int(out.shape[1]), "height": int(out.shape[0]),
@@ -553,6 +588,7 @@ class _DecodeResizeFn(RowFilter):
 
         cv2.setNumThreads(1)  # one image per thread; Beam parallelises across threads and workers
         self._budget = pixel_budget(self.config.decode_pixel_budget)  # shared by the process's threads
+        return_large_buffers_to_os()
 
     def judge(self, row):
         row = dict(row)  # never mutate an input element
