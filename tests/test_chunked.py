@@ -126,7 +126,8 @@ def test_chunk_rows_refuses_settings_that_need_one_job(served, tmp_path, capsys)
                      "--clip-top-fraction", "0.3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--clip-top-fraction" in err[0] and "--min-clip-score" in err[0]
-    assert cli.main([*base, "--chunk-rows", "50", "--dedup", "exact,semantic", "--no-store-embeddings"]) == 2
+    assert cli.main([*base, "--chunk-rows", "50", "--dedup", "exact,semantic", "--no-store-embeddings",
+                     "--clip-model", "synthetic-tiny"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--no-store-embeddings" in err[0]
     assert cli.main([*base, "--chunk-rows", "-5"]) == 2

@@ -151,7 +151,7 @@ def test_every_row_has_its_expected_outcome(world):
 def test_curated_images_are_resized_jpegs_with_metadata(world):
     out, _, _, _ = world
     for r in pq.read_table(out / "curated").to_pylist():
-        img = Image.open(io.BytesIO(r["image"]))
+        img = Image.open(io.BytesIO(r["image"]["bytes"]))  # the Hugging Face {bytes, path} image struct
         assert img.format == "JPEG" and img.mode == "RGB"
         assert (img.width, img.height) == (r["width"], r["height"])
         assert min(r["width"], r["height"]) == 128  # keep_ratio: shorter side = --image-size

@@ -107,7 +107,7 @@ def test_direct_run_exercises_every_stage(web):
     stages = {stage for _, stage, _ in rej}
     assert {"download", "image"} <= stages, stages  # faults are rejected where they should be
     assert len(cur) >= 10 and stats["input_rows"] == n_rows
-    assert stats["stages"] == ["caption", "download", "image", "embed", "clip", "dedup", "safety"]
+    assert stats["stages"] == ["caption", "download", "image", "embed", "clip", "dedup", "safety", "balance"]
 
 
 def test_portable_loopback_matches_direct(web, curate):

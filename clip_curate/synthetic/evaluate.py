@@ -39,6 +39,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from clip_curate.fields import ConfigError
+from clip_curate.schemas import image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +216,9 @@ def load_pool(path: str, preprocess_cfg: dict[str, Any], *, batch_rows: int = 51
                 cols = [c for c in (uid_col, img_col, cap_col) if c]
                 for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
                     d = batch.to_pydict()
-                    keep = [i for i, (im, c) in enumerate(zip(d[img_col], d[cap_col])) if im and c]
-                    chunks.append(train.images_to_uint8([d[img_col][i] for i in keep], preprocess_cfg))
+                    images = [image_bytes(im) for im in d[img_col]]  # bytes, or the {bytes, path} image struct
+                    keep = [i for i, (im, c) in enumerate(zip(images, d[cap_col])) if im and c]
+                    chunks.append(train.images_to_uint8([images[i] for i in keep], preprocess_cfg))
                     caps += [d[cap_col][i] for i in keep]
                     uids += [str(d[uid_col][i]) if uid_col else f"{f}:{len(uids) + j}" for j, i in enumerate(keep)]
     elif kind == "webdataset":
