@@ -248,7 +248,11 @@ def test_refilter_refuses_its_own_input_as_output_and_dedup_less_take_back(first
     out_t0, _ = first_pass
     assert cli_main(["run", "--input", str(out_t0), "--output", str(out_t0)] + COMMON[:2]) == 2  # its model
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "is the input being re-filtered" in err
+    assert err.count("\n") == 0 and "is not empty" in err   # the output rule refuses before anything is read
+    assert cli_main(["run", "--input", str(out_t0), "--output", str(out_t0), "--overwrite"] + COMMON[:2]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "would remove this run's own input" in err
+    assert (out_t0 / "curated").is_dir() and (out_t0 / "stats.json").exists()
     assert cli_main(["run", "--input", str(out_t0), "--include-rejected", "--stages", "clip",
                      "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
