@@ -186,6 +186,7 @@ LOCAL_CODE_HAMMING = 16    # codes within this many bits (of 64) make a correspo
 LOCAL_CANDIDATES = 8       # per keypoint and bucket: correspondences to the closest better-ranked rows only
 LOCAL_MAX_BUCKET = 4096    # a bigger bucket is split by the next band (bounded work; counted)
 LOCAL_MAX_CORRESPONDENCES = 256  # per row pair (the closest codes are kept)
+LOCAL_HYPOTHESES_FROM = 48  # transforms are proposed by pairs among the closest correspondences
 LOCAL_MIN_INLIERS = 7      # keypoints on each side that one similarity transform maps onto each other
 LOCAL_TOLERANCE = 0.015    # of the shorter side (3.8 px at the 256 px working size)
 LOCAL_MAX_SCALE = 1.6      # relative scale of the two frames (both are normalised to their shorter side)
@@ -224,9 +225,21 @@ def bucket_correspondences(band: int, members: Sequence[tuple], split_counter=No
         for sub in subs.values():
             yield from bucket_correspondences(band, sub, split_counter, depth + 1)
         return
-    codes = np.array([m[4] for m in ms], dtype=np.uint64)
     uids = [m[0][2] for m in ms]
-    uid_ids = np.unique(np.array(uids, dtype=object), return_inverse=True)[1].reshape(-1)
+    if len(ms) <= 32:  # most buckets: plain Python beats numpy's per-call overhead
+        for i in range(1, len(ms)):
+            x = ms[i]
+            if is_prior(x[0]):
+                continue
+            found = sorted((d, j) for j in range(i) if uids[j] != uids[i]
+                           for d in ((x[4] ^ ms[j][4]).bit_count(),) if d <= LOCAL_CODE_HAMMING)
+            for d, j in found[:LOCAL_CANDIDATES]:
+                y = ms[j]
+                yield (uids[i], uids[j]), (x[0], y[0], x[5], y[5], (d, x[1], x[2], x[3], y[1], y[2], y[3]))
+        return
+    codes = np.array([m[4] for m in ms], dtype=np.uint64)
+    index: dict[str, int] = {}
+    uid_ids = np.array([index.setdefault(u, len(index)) for u in uids])
     n = len(ms)
     block = 512
     for i0 in range(1, n, block):
@@ -249,9 +262,10 @@ def bucket_correspondences(band: int, members: Sequence[tuple], split_counter=No
 
 
 def _similarities(p: np.ndarray, q: np.ndarray, ki: np.ndarray, kj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Similarity transforms ``z -> a z + b`` (complex) through every two correspondences with distinct,
-    not too close keypoints, within the scale and rotation bounds."""
-    idx_i, idx_j = np.triu_indices(len(p), 1)
+    """Similarity transforms ``z -> a z + b`` (complex) through every two of the first
+    :data:`LOCAL_HYPOTHESES_FROM` correspondences with distinct, not too close keypoints, within the scale and
+    rotation bounds."""
+    idx_i, idx_j = np.triu_indices(min(len(p), LOCAL_HYPOTHESES_FROM), 1)
     dp = p[idx_j] - p[idx_i]
     ok = (np.abs(dp) >= 0.05) & (ki[idx_i] != ki[idx_j]) & (kj[idx_i] != kj[idx_j])
     idx_i, idx_j, dp = idx_i[ok], idx_j[ok], dp[ok]
@@ -298,7 +312,8 @@ def match_keypoints(corr: Iterable[tuple], frame_x: tuple[float, float], frame_y
 
     ``inliers``: the most keypoints (counted once on each side, the smaller side) that one similarity
     transform x -> y maps to within :data:`LOCAL_TOLERANCE`; ``iou``: the overlap of x's frame mapped by that
-    transform with y's frame, over their union. Deterministic (every pair of correspondences is a hypothesis).
+    transform with y's frame, over their union. Deterministic: every two of the closest correspondences (by code
+    distance, then keypoint) propose a transform, and every correspondence votes.
     Pairs with fewer than ``min_inliers`` distinct keypoints on a side return ``(0, 0.0)`` at once.
     """
     corr = sorted(set(corr))[:LOCAL_MAX_CORRESPONDENCES]
@@ -310,8 +325,7 @@ def match_keypoints(corr: Iterable[tuple], frame_x: tuple[float, float], frame_y
     a, b = _similarities(p, q, ki, kj)
     if not len(a):
         return 0, 0.0
-    counts = np.concatenate([(np.abs(a[s:s + 2048, None] * p[None] + b[s:s + 2048, None] - q[None])
-                              <= LOCAL_TOLERANCE).sum(axis=1) for s in range(0, len(a), 2048)])
+    counts = (np.abs(a[:, None] * p[None] + b[:, None] - q[None]) <= LOCAL_TOLERANCE).sum(axis=1)
     best, best_h = 0, -1
     for h in np.lexsort((np.arange(len(counts)), -counts))[:16].tolist():
         if counts[h] <= best:
