@@ -472,8 +472,11 @@ def orb_keypoints(arr: np.ndarray, n: int = ORB_KEYPOINTS) -> bytes | None:
         return None
     words = np.ascontiguousarray(desc).view("<u8")  # k x 4 words of 64 bits
     nearest = np.empty(len(words), dtype=np.int64)
-    for i0 in range(0, len(words), 256):
-        d = np.bitwise_count(words[i0:i0 + 256, None, :] ^ words[None, :, :]).sum(axis=2, dtype=np.int64)
+    for i0 in range(0, len(words), 512):
+        rows = words[i0:i0 + 512]
+        d = np.bitwise_count(rows[:, None, 0] ^ words[None, :, 0]).astype(np.uint16)  # 0..256
+        for k in range(1, 4):
+            d += np.bitwise_count(rows[:, None, k] ^ words[None, :, k])
         d[np.arange(len(d)), np.arange(i0, i0 + len(d))] = 256
         nearest[i0:i0 + len(d)] = d.min(axis=1)
     order = sorted((i for i in range(len(kps)) if nearest[i] > ORB_SELF_SIMILAR),
