@@ -11,8 +11,9 @@ Keypoint path (rows with ``orb_keypoints``, computed by the image stage). Keys: 
 cut into :data:`LOCAL_BANDS` 16-bit bands; a keypoint is keyed under each ``(band, value)``. Within a bucket,
 keypoints whose whole codes are within :data:`LOCAL_CODE_HAMMING` bits become correspondences between the
 worse-ranked row and (at most :data:`LOCAL_CANDIDATES` of) the better-ranked rows
-(:func:`bucket_correspondences`); a row pair's correspondences from all buckets are then checked together
-(:func:`match_keypoints`): "within the threshold" means at least :data:`LOCAL_MIN_INLIERS` keypoints on
+(:func:`bucket_correspondences`); each bucket sends one element per worse row, all of a row's elements meet
+under its uid, and each of its row pairs is checked on its correspondences from every bucket
+(:func:`verify_row`, :func:`match_keypoints`): "within the threshold" means at least :data:`LOCAL_MIN_INLIERS` keypoints on
 each side agree with one similarity transform (scale 1/1.6..1.6, rotation <= 6 degrees, to 1.5 % of the
 shorter side), and the two frames, aligned by it, overlap by at least :data:`LOCAL_MIN_IOU` of their union
 (a crop keeping >= 64 % of the picture is a copy; another region of the same photo, or two halves of a
@@ -366,34 +367,40 @@ class _LocalKeys(beam.DoFn):
 
 
 class _LocalMatch(beam.DoFn):
+    """One bucket -> ``(x_uid, (x_frame, [(y_uid, y_rank, y_frame, correspondence), ...]))`` per worse row x
+    with correspondences in it: one element per row and bucket, whatever the number of partners."""
+
     def __init__(self):
         self._split = beam.metrics.Metrics.counter(NS, "dedup_near_keypoint_buckets_split")
 
     def process(self, kv):
         (band, _), members = kv
-        yield from bucket_correspondences(band, list(members), self._split)
+        per_row: dict[str, tuple] = {}
+        for (x_uid, y_uid), (_, y_rank, x_frame, y_frame, corr) in bucket_correspondences(
+                band, list(members), self._split):
+            per_row.setdefault(x_uid, (x_frame, []))[1].append((y_uid, y_rank, y_frame, corr))
+        yield from per_row.items()
 
 
-class _CollectCorrespondences(beam.CombineFn):
-    """A row pair's correspondences from every bucket: ``(header, [correspondence, ...])``, the header
-    (ranks and frames) kept once, so partial combines before the shuffle carry it once per pair."""
-
-    def create_accumulator(self):
-        return None, []
-
-    def add_input(self, acc, value):
-        acc[1].append(value[4])
-        return (acc[0] or value[:4]), acc[1]
-
-    def merge_accumulators(self, accs):
-        head, corr = None, []
-        for h, c in accs:
-            head = head or h
-            corr.extend(c)
-        return head, corr
-
-    def extract_output(self, acc):
-        return acc
+def verify_row(x_uid: str, groups: Iterable[tuple]) -> Iterator[tuple[str, tuple]]:
+    """All of row x's correspondences (from every bucket) -> a ``(x_uid, ("duplicate_near", y_uid, y_rank))``
+    decision for each better-ranked row y that passes :func:`match_keypoints` (in uid order). Also yields
+    ``(None, pairs_checked)`` last, for the counter."""
+    by_row: dict[str, list] = {}
+    frame_x = None
+    for frame, items in groups:
+        frame_x = frame
+        for y_uid, y_rank, y_frame, corr in items:
+            by_row.setdefault(y_uid, [y_rank, y_frame, []])[2].append(corr)
+    checked = 0
+    for y_uid in sorted(by_row):
+        y_rank, y_frame, corr = by_row[y_uid]
+        if len(corr) < LOCAL_MIN_INLIERS:
+            continue
+        checked += 1
+        if is_keypoint_copy(*match_keypoints(corr, frame_x, y_frame, LOCAL_MIN_INLIERS)):
+            yield x_uid, ("duplicate_near", y_uid, y_rank)
+    yield None, checked
 
 
 class _LocalVerify(beam.DoFn):
@@ -402,12 +409,13 @@ class _LocalVerify(beam.DoFn):
         self._copies = beam.metrics.Metrics.counter(NS, "dedup_near_keypoint_copies")
 
     def process(self, kv):
-        (x_uid, y_uid), ((_, y_rank, frame_x, frame_y), corr) = kv
-        self._pairs.inc()
-        inliers, iou = match_keypoints(corr, frame_x, frame_y, LOCAL_MIN_INLIERS)
-        if is_keypoint_copy(inliers, iou):
-            self._copies.inc()
-            yield x_uid, ("duplicate_near", y_uid, y_rank)
+        x_uid, groups = kv
+        for uid, decision in verify_row(x_uid, groups):
+            if uid is None:
+                self._pairs.inc(decision)
+            else:
+                self._copies.inc()
+                yield uid, decision
 
 
 def _decisions(inp: KindInputs):
@@ -420,7 +428,7 @@ def _decisions(inp: KindInputs):
                     | "KeypointKeys" >> beam.ParDo(_LocalKeys())
                     | "KeypointGroup" >> beam.GroupByKey()
                     | "KeypointMatch" >> beam.ParDo(_LocalMatch())
-                    | "KeypointPairs" >> beam.CombinePerKey(_CollectCorrespondences())
+                    | "KeypointByRow" >> beam.GroupByKey()
                     | "KeypointVerify" >> beam.ParDo(_LocalVerify()))
     return (by_phash, by_keypoints) | "NearPaths" >> beam.Flatten()
 
