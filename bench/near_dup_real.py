@@ -20,6 +20,7 @@ dedup has to catch, so no frame-level rule can keep them apart without missing c
     python bench/near_dup_real.py                 # seeds 0-4: precision / recall, per variant kind
     python bench/near_dup_real.py --cost          # CPU ms per image (pHash, keypoints), keys and pairs per row
     python bench/near_dup_real.py --scale 500 1000 2000 4000   # distinct crops: pairs per row, false-match margin
+    python bench/near_dup_real.py --beam 2000     # the Dedup transform on the DirectRunner, with/without keypoints
 """
 from __future__ import annotations
 
@@ -319,6 +320,33 @@ def scale(sizes: tuple[int, ...]) -> list[dict]:
     return results
 
 
+def beam_cost(n: int) -> list[dict]:
+    """Wall time of the real Dedup(exact, near) transform on the DirectRunner over ``n`` distinct crops, with
+    and without their keypoints (the rows carry what the image stage stored)."""
+    import apache_beam as beam
+
+    from clip_curate.stages.dedup import Dedup, DedupConfig
+    from clip_curate.stages.image import orb_keypoints, phash_hex
+
+    rows = [{"uid": uid, "url": f"http://crops.test/{uid}", "caption": src, "sha256": uid, "phash": phash_hex(arr),
+             "orb_keypoints": orb_keypoints(arr), "width": arr.shape[1], "height": arr.shape[0]}
+            for uid, arr, src, _ in crops_world(n)]
+    out = []
+    for label, keep in (("pHash only", False), ("pHash + keypoints", True)):
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "rows.pkl")
+            with open(src, "wb") as f:
+                pickle.dump([r if keep else dict(r, orb_keypoints=None) for r in rows], f)
+            t0 = time.monotonic()
+            with beam.Pipeline() as pipe:
+                kept, dropped = (pipe | beam.Create([src]) | beam.FlatMap(lambda p: pickle.load(open(p, "rb")))
+                                 | Dedup(DedupConfig(dedup=("exact", "near"))))
+                _ = (kept, dropped) | beam.Flatten() | beam.combiners.Count.Globally()
+            wall = time.monotonic() - t0
+        out.append({"rows": n, "near": label, "wall_s": round(wall, 1), "ms_per_row": round(1000 * wall / n, 1)})
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=5, help="worlds to run (seeds 0..N-1)")
@@ -326,12 +354,18 @@ def main(argv=None) -> int:
     p.add_argument("--cost", action="store_true", help="measure CPU cost instead")
     p.add_argument("--scale", type=int, nargs="*", default=None, metavar="N",
                    help="keypoint path on N distinct crops (e.g. 500 1000 2000 4000): pairs and false-match margin")
+    p.add_argument("--beam", type=int, default=0, metavar="N",
+                   help="wall time of the Dedup transform on the DirectRunner over N distinct crops")
     args = p.parse_args(argv)
     if args.cost:
         print(json.dumps(cost(build_world(0)), indent=1))
         return 0
     if args.scale:
         for res in scale(tuple(args.scale)):
+            print(json.dumps(res))
+        return 0
+    if args.beam:
+        for res in beam_cost(args.beam):
             print(json.dumps(res))
         return 0
     totals = []
