@@ -51,22 +51,9 @@ class _RaisingParser(argparse.ArgumentParser):
 
 def beam_option_parser() -> argparse.ArgumentParser:
     """An argparse parser that knows every Beam PipelineOptions flag (and raises instead of exiting)."""
-    from apache_beam.options.pipeline_options import PipelineOptions
+    from clip_curate.fields import add_beam_options
 
-    parser = _RaisingParser(add_help=False, allow_abbrev=False)
-    seen: set[type] = set()
-    stack = list(PipelineOptions.__subclasses__())
-    while stack:
-        cls = stack.pop()
-        if cls in seen:
-            continue
-        seen.add(cls)
-        stack.extend(cls.__subclasses__())
-        try:
-            cls._add_argparse_args(parser)
-        except argparse.ArgumentError:
-            pass  # an option declared by two classes
-    return parser
+    return add_beam_options(_RaisingParser(add_help=False, allow_abbrev=False))
 
 
 def _command_parser(command: str) -> argparse.ArgumentParser | None:

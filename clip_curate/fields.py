@@ -153,11 +153,10 @@ class OneLineParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def validate_beam_args(beam_args: Sequence[str]) -> None:
-    """Error on flags that neither clip-curate nor any Beam PipelineOptions class knows."""
+def add_beam_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``parser`` with every flag of every Beam PipelineOptions class added; returns it."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     seen: set[type] = set()
     stack = list(PipelineOptions.__subclasses__())
     while stack:
@@ -169,7 +168,13 @@ def validate_beam_args(beam_args: Sequence[str]) -> None:
         try:
             cls._add_argparse_args(parser)
         except argparse.ArgumentError:
-            pass  # options declared by two classes
+            pass  # an option declared by two classes
+    return parser
+
+
+def validate_beam_args(beam_args: Sequence[str]) -> None:
+    """Error on flags that neither clip-curate nor any Beam PipelineOptions class knows."""
+    parser = add_beam_options(argparse.ArgumentParser(add_help=False, allow_abbrev=False))
     _, unknown = parser.parse_known_args(list(beam_args))
     flags = [u for u in unknown if u.startswith("-")]
     if flags:
