@@ -56,8 +56,8 @@ class DedupConfig:
     dedup_caption_pairs: bool = opt(False, "exact dedup by (image, caption) and (URL, caption) pairs instead "
                                            "of image and URL alone")
     near_dup_hamming: int = opt(6, "pHash Hamming distance (of 64 bits) at or below which images are near "
-                                   "duplicates (6 catches re-encodes, resizes, colour shifts; ~12 also most "
-                                   "crops of <= 10 %, at more false matches)")
+                                   "duplicates (6 catches re-encodes, resizes, colour shifts; crops are "
+                                   "caught by the ORB keypoints, --orb-keypoints)")
     semantic_threshold: float | None = opt(None, "cosine similarity of image embeddings at or above which rows "
                                                  "are semantic duplicates; unset = the model card's threshold, "
                                                  "else 0.95")
