@@ -25,6 +25,7 @@ from clip_curate.fields import (ConfigError, OneLineParser, add_config_arguments
 from clip_curate.models.cards import Judgment, card_for
 from clip_curate.models.clip import ModelConfig, describe_model, has_clip_model, is_random_init, model_warning
 from clip_curate.readers.base import ReaderConfig
+from clip_curate.readers.curated import recorded_model
 from clip_curate.stages.base import registered, stage_names
 from clip_curate.stages.clip_score import card_judgment as clip_card_judgment
 from clip_curate.stages.safety import card_judgment as safety_card_judgment
@@ -197,6 +198,15 @@ def parse_run_args(argv: Sequence[str]) -> tuple[CurateConfig, list[str]]:
         beam_args = yaml_beam + list(beam_args)
     values.update({k: v for k, v in vars(ns).items() if k != "config"})
     validate_beam_args(beam_args)
+    if values.get("clip_model") is None:  # no model named: a re-filter keeps the model that made its input
+        recorded = recorded_model(values.get("input"), values.get("input_format") or "auto")
+        if recorded:
+            log.info("re-filter: using the input's model %s%s (recorded in its stats.json; --clip-model "
+                     "chooses another)", recorded["clip_model"],
+                     f" --clip-pretrained {recorded['clip_pretrained']}" if recorded["clip_pretrained"] else "")
+            values["clip_model"] = recorded["clip_model"]
+            if values.get("clip_pretrained") is None:
+                values["clip_pretrained"] = recorded["clip_pretrained"]
     built = {title: config_from_namespace(cls, values) for title, cls in classes}
     stage_cfgs = StageConfigs(**{s.name: built[s.name] for s in registered()})
     cfg = CurateConfig(built["input"], built["output"], built["run"], stage_cfgs, built["audit"])

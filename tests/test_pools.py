@@ -193,6 +193,20 @@ def test_refilter_reuses_embeddings_and_matches_direct_run(pool, first_pass, cap
 
 
 @pytest.mark.slow
+def test_refilter_without_clip_model_uses_the_inputs_model(pool, first_pass, caplog):
+    """No --clip-model: the re-filter takes the model recorded in the input's stats.json (synthetic-tiny),
+    not the default (offline here), and reuses every stored embedding."""
+    out_t0, _ = first_pass
+    out = pool["tmp"] / "out_recorded_model"
+    with caplog.at_level(logging.INFO):
+        stats = run(["--input", str(out_t0), "--output", str(out), "--min-clip-score", str(T)] + COMMON[2:])
+    assert "using the input's model synthetic-tiny" in caplog.text and "are reused" in caplog.text
+    stats, cur, _ = _accounted(out)
+    assert stats["embedded_rows"] == 0 and stats["counters"].get("embed_reused") == stats["input_rows"]
+    assert stats["config"]["stages"]["embed"]["clip_model"] == "synthetic-tiny" and cur
+
+
+@pytest.mark.slow
 def test_refilter_include_rejected_takes_back_clip_and_dedup_rows(pool, first_pass):
     out_t0, _ = first_pass
     _, cur0, rej0 = _accounted(out_t0)

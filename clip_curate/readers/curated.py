@@ -176,6 +176,24 @@ def prepare_refilter(cfg, plan: InputPlan, enabled: tuple[str, ...], ident: dict
     return cfg
 
 
+def recorded_model(input_path: str | None, input_format: str = "auto") -> dict[str, Any] | None:
+    """The CLIP model (``clip_model``, ``clip_pretrained``) recorded in a clip-curate output's stats.json,
+    when ``input_path`` is one; None otherwise. A re-filter that names no model uses it, so that the
+    stored embeddings are reused rather than recomputed with the default model."""
+    if not input_path or input_format not in ("auto", "curated"):
+        return None
+    try:
+        root = curated_root(input_path)
+        if root is None:
+            return None
+        embed = (read_stats(root).get("config") or {}).get("stages", {}).get("embed") or {}
+    except Exception:  # noqa: BLE001 - no readable stats.json: nothing recorded, the reader says the rest
+        return None
+    if str(embed.get("clip_model") or "none").strip().lower() == "none":
+        return None
+    return {"clip_model": embed["clip_model"], "clip_pretrained": embed.get("clip_pretrained")}
+
+
 def _input_embedding(root: str) -> dict[str, Any] | None:
     try:
         return read_stats(root).get("embedding")
