@@ -24,7 +24,6 @@ from typing import Any, Iterable, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from clip_curate import records
 from clip_curate.models.clip import (ModelConfig, autocast_context, embed_model_key, load_clip, load_preprocess,
@@ -148,9 +147,10 @@ def _free_device_memory() -> None:
         pass
 
 
-class ClipModelHandler(ModelHandler[Example, tuple[np.ndarray, np.ndarray, float], ClipEmbedder]):
+class _ClipHandler:
     """open_clip image + text towers for ``RunInference``: example = (pixels, tokens);
-    inference = (image_embedding, text_embedding, clip_score)."""
+    inference = (image_embedding, text_embedding, clip_score). ``ClipModelHandler`` is this on Beam's
+    ``ModelHandler`` (see :func:`__getattr__`)."""
 
     def __init__(self, config: ModelConfig, *, min_batch_size: int | None = None):
         bs = config.batch_size
@@ -169,6 +169,8 @@ class ClipModelHandler(ModelHandler[Example, tuple[np.ndarray, np.ndarray, float
                       inference_args: Optional[dict[str, Any]] = None) -> Iterable[PredictionResult]:
         """One forward pass over the batch; when it raises, one pass per element, and an element that
         still raises gets an :class:`EmbedFailure` as its inference (the job goes on)."""
+        from apache_beam.ml.inference.base import PredictionResult
+
         t0 = time.monotonic()
         try:
             results = self._embed_batch(batch, model)
@@ -193,6 +195,8 @@ class ClipModelHandler(ModelHandler[Example, tuple[np.ndarray, np.ndarray, float
         return results
 
     def _embed_batch(self, batch: Sequence[Example], model: ClipEmbedder) -> list[PredictionResult]:
+        from apache_beam.ml.inference.base import PredictionResult
+
         images = np.stack([e[0] for e in batch])
         tokens = np.stack([e[1] for e in batch]).astype(np.int64, copy=False)
         img, txt = model.embed(images, tokens)
@@ -210,6 +214,22 @@ class ClipModelHandler(ModelHandler[Example, tuple[np.ndarray, np.ndarray, float
 
     def get_metrics_namespace(self) -> str:
         return "BeamML_OpenCLIP"
+
+
+_LAZY: dict[str, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """``ClipModelHandler``, made on first use: Beam's ``apache_beam.ml.inference.base`` imports torch (its
+    model manager does), so importing it with this module would load torch into every worker process,
+    also those of runs without the embed stage (seconds of CPU and hundreds of MB each)."""
+    if name != "ClipModelHandler":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _LAZY:
+        from apache_beam.ml.inference.base import ModelHandler
+
+        _LAZY[name] = type(name, (_ClipHandler, ModelHandler), {"__module__": __name__, "__qualname__": name})
+    return _LAZY[name]
 
 
 def has_reusable_embeddings(row: dict[str, Any], key: str) -> bool:
@@ -316,11 +336,15 @@ class Embed(beam.PTransform):
         return self._key
 
     def handler(self) -> KeyedModelHandler:
-        return KeyedModelHandler(ClipModelHandler(self._config))
+        from apache_beam.ml.inference.base import KeyedModelHandler
+
+        return KeyedModelHandler(__getattr__("ClipModelHandler")(self._config))
 
     def expand(self, rows):
         prepared = rows | "Prepare" >> beam.ParDo(_Prepare(self._config, self._key)).with_outputs(
             records.REJECTED_TAG, _Prepare.REUSED, main="examples")
+        from apache_beam.ml.inference.base import RunInference
+
         inference = RunInference(self.handler())
         if self._accelerator:
             inference = inference.with_resource_hints(accelerator=self._accelerator)
