@@ -511,13 +511,47 @@ def unpack_orb_keypoints(blob: Any) -> tuple[tuple[float, float], np.ndarray, np
 # ---------------------------------------------------------------------------------------------
 # The whole stage for one image
 
-def process_image(raw: bytes | None, cfg: ImageConfig, budget: PixelBudget | None = None) -> ImageResult:
+#: The stored image's hashes a stage may read (``Stage`` configs name them in ``image_hashes``): pHash
+#: (~1 ms per image) and ORB keypoints (~3 ms) are computed only when an enabled stage reads them.
+#: ``sha256`` of the downloaded bytes (~0.05 ms) is always computed.
+IMAGE_HASHES = frozenset({"phash", "orb_keypoints"})
+
+
+def hashes_needed(configs: Any, enabled: tuple[str, ...]) -> frozenset[str]:
+    """The :data:`IMAGE_HASHES` the enabled stages read: the union of each enabled stage config's
+    ``image_hashes`` (a stage config without that attribute reads none)."""
+    needed: set[str] = set()
+    for name in enabled:
+        needed |= set(getattr(getattr(configs, name, None), "image_hashes", ()) or ())
+    return frozenset(needed & IMAGE_HASHES)
+
+
+def stored_hashes(image: bytes, hashes: frozenset[str] = IMAGE_HASHES,
+                  orb_n: int = ORB_KEYPOINTS) -> dict[str, Any]:
+    """``phash`` / ``orb_keypoints`` of a stored JPEG (rows written without them, read back for dedup),
+    computed as :func:`process_image` computes them, on the decoded stored JPEG instead of the array it
+    encoded (so up to JPEG loss the same values)."""
+    arr = _decode_jpeg_fast(image, 0, 0, 1)
+    if arr is None:
+        with Image.open(io.BytesIO(image)) as img:
+            arr = np.asarray(img.convert("RGB"))
+    out: dict[str, Any] = {}
+    if "phash" in hashes:
+        out["phash"] = phash_hex(arr)
+    if "orb_keypoints" in hashes:
+        out["orb_keypoints"] = orb_keypoints(arr, orb_n)
+    return out
+
+
+def process_image(raw: bytes | None, cfg: ImageConfig, budget: PixelBudget | None = None,
+                  hashes: frozenset[str] = IMAGE_HASHES) -> ImageResult:
     """Raw downloaded bytes -> stored-image fields, or a rejection (reason, detail).
 
     Fields: ``image`` (JPEG), ``width``, ``height`` (stored), ``original_width``, ``original_height``
     (as displayed, EXIF orientation applied), ``sha256`` (of ``raw``), ``phash`` and ``orb_keypoints`` (of
-    the stored image). ``budget``: the worker's shared :class:`PixelBudget` the decode draws from (None: this
-    call alone; the plan is still checked against ``cfg.decode_pixel_budget``).
+    the stored image; each only when named in ``hashes``, else None). ``budget``: the worker's shared
+    :class:`PixelBudget` the decode draws from (None: this call alone; the plan is still checked against
+    ``cfg.decode_pixel_budget``).
     """
     if not raw:
         return _reject("empty_body", "0 bytes")
@@ -573,8 +607,8 @@ def process_image(raw: bytes | None, cfg: ImageConfig, budget: PixelBudget | Non
         "width": int(out.shape[1]), "height": int(out.shape[0]),
         "original_width": int(ow), "original_height": int(oh),
         "sha256": hashlib.sha256(raw).hexdigest(),
-        "phash": phash_hex(out),
-        "orb_keypoints": orb_keypoints(out, cfg.orb_keypoints),
+        "phash": phash_hex(out) if "phash" in hashes else None,
+        "orb_keypoints": orb_keypoints(out, cfg.orb_keypoints) if "orb_keypoints" in hashes else None,
     })
 
 
@@ -585,6 +619,10 @@ def _no_hold() -> Iterator[None]:
 
 class _DecodeResizeFn(RowFilter):
     stage = "image"
+
+    def __init__(self, config: ImageConfig, hashes: frozenset[str] = IMAGE_HASHES):
+        super().__init__(config)
+        self.hashes = frozenset(hashes)
 
     def load(self):
         import cv2
@@ -598,7 +636,7 @@ class _DecodeResizeFn(RowFilter):
         raw = row.pop("image_bytes", None)
         if raw is None:
             raw = row.get("image")  # pool rows that already hold an image
-        result = process_image(raw, self.config, self._budget)
+        result = process_image(raw, self.config, self._budget, self.hashes)
         if result.reason:
             return Verdict(row, result.reason, result.detail)
         row.update(result.fields)
@@ -611,13 +649,19 @@ class DecodeResize(RowStage):
     Kept rows lose ``image_bytes`` and gain ``image`` (JPEG), ``width``, ``height``, ``original_width``,
     ``original_height``, ``sha256``, ``phash`` and ``orb_keypoints``; rejected rows carry stage ``image``
     and a reason from ``records.REASONS["image"]``. A row without ``image_bytes`` but with ``image`` (a pool)
-    is re-processed. Decodes of one worker process draw from one shared :class:`PixelBudget`.
+    is re-processed. Decodes of one worker process draw from one shared :class:`PixelBudget`. ``hashes``:
+    which of :data:`IMAGE_HASHES` are computed (the others are None); in a pipeline, those an enabled stage
+    reads (:func:`hashes_needed`).
     """
 
-    def __init__(self, config: ImageConfig):
-        super().__init__(_DecodeResizeFn(config), label="DecodeResize")
+    def __init__(self, config: ImageConfig, hashes: frozenset[str] = IMAGE_HASHES):
+        super().__init__(_DecodeResizeFn(config, hashes), label="DecodeResize")
 
 
-register(Stage("image", ImageConfig, build=lambda cfg, ctx: DecodeResize(cfg), position=30,
+def _build(cfg: ImageConfig, ctx) -> DecodeResize:
+    return DecodeResize(cfg, hashes_needed(ctx.configs, ctx.enabled))
+
+
+register(Stage("image", ImageConfig, build=_build, position=30,
                provides=frozenset({IMAGE}), needs=frozenset({RAW_IMAGE}), auto=True,
                title="decode, validate, resize"))

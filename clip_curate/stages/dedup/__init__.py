@@ -41,6 +41,7 @@ from clip_curate.stages.dedup.semantic import SemanticModel, fit_semantic_model,
 from clip_curate.fields import ConfigError, opt
 from clip_curate.models.cards import Judgment, ModelCard
 from clip_curate.stages.base import IMAGE, Stage, StageContext, names_from, register
+from clip_curate.stages.image import ORB_KEYPOINTS, stored_hashes
 
 NS = records.METRICS_NAMESPACE
 DEFAULT_SEMANTIC_THRESHOLD = 0.95
@@ -109,6 +110,18 @@ class DedupConfig:
         return bool(self.dedup or self.decontaminate)
 
     @property
+    def image_hashes(self) -> frozenset[str]:
+        """The stored image's hashes this config reads (the image stage computes only what some enabled
+        stage reads): near dedup reads ``phash`` and ``orb_keypoints``, decontamination ``phash``; exact
+        dedup reads ``sha256``, which is always computed."""
+        out: set[str] = set()
+        if "near" in self.dedup:
+            out |= {"phash", "orb_keypoints"}
+        if self.decontaminate:
+            out.add("phash")
+        return frozenset(out)
+
+    @property
     def semantic_cosine(self) -> float:
         """``--semantic-threshold`` in effect (0.95 when neither the flag nor a model card set it)."""
         return DEFAULT_SEMANTIC_THRESHOLD if self.semantic_threshold is None else self.semantic_threshold
@@ -135,6 +148,27 @@ class DedupConfig:
 # ---------------------------------------------------------------------------------------------
 # Beam wrappers (thin: the decisions are in dedup_core)
 
+def fill_hashes(row: dict, hashes: frozenset, orb_n: int = ORB_KEYPOINTS) -> dict:
+    """``row`` with the image hashes dedup reads (``hashes``: ``phash``, ``orb_keypoints``) computed from its
+    stored ``image`` when the row has none: rows of an output written by a run that did not compute them
+    (no dedup then, so ``phash`` is null), re-filtered or taking part as an earlier output's rows. A row
+    with a ``phash`` is left as it is (its ``orb_keypoints`` may be null on purpose: no distinctive
+    keypoints, or ``--orb-keypoints 0``). Returns a new dict when it computes anything."""
+    if not hashes or row.get("phash") is not None or not row.get("image"):
+        return row
+    image = row["image"]
+    if isinstance(image, dict):  # the {bytes, path} struct as stored
+        image = image.get("bytes")
+    if not image:
+        return row
+    try:
+        found = stored_hashes(bytes(image), hashes, orb_n)
+    except Exception:  # noqa: BLE001 - an undecodable stored image: it keeps its exact keys only
+        return row
+    beam.metrics.Metrics.counter(NS, "dedup_hashes_computed").inc()
+    return {**row, **found}
+
+
 def _compact(row: dict) -> dict:
     emb = row.get("image_embedding")
     return {"uid": str(row["uid"]), "rank": rank_key(row), "url": normalize_url(row.get("url")),
@@ -150,24 +184,30 @@ PRIOR_COLUMNS = ("uid", "url", "caption", "stage", "sha256", "phash", "orb_keypo
                  "embed_model", "clip_score", "width", "height", "original_width", "original_height")
 
 
-def prior_records(item: tuple[str, str], stages: Sequence[str], embed_model: str | None = None) -> Iterator[dict]:
+def prior_records(item: tuple[str, str], stages: Sequence[str], embed_model: str | None = None,
+                  hashes: frozenset = frozenset(), orb_n: int = ORB_KEYPOINTS) -> Iterator[dict]:
     """Compact records of one earlier output shard ``(sub, path)``: every curated row, and the rejected
     rows whose ``stage`` is in ``stages`` (the rows that reached the dedup stage). They rank before
     every row of this run; ``dropped`` marks the ones an earlier dedup rejected. With ``embed_model``,
-    embeddings another model made are left out of semantic dedup (they are not comparable)."""
+    embeddings another model made are left out of semantic dedup (they are not comparable). ``hashes``:
+    the image hashes this run's dedup reads; a shard written without them (a run without dedup) has them
+    computed from its stored images (:func:`fill_hashes`)."""
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
     sub, path = item
     with FileSystems.open(path) as f:
         pf = pq.ParquetFile(f)
-        cols = [c for c in PRIOR_COLUMNS if c in pf.schema_arrow.names]
-        for batch in pf.iter_batches(batch_size=2048, columns=cols):
+        names = pf.schema_arrow.names
+        cols = [c for c in PRIOR_COLUMNS if c in names]
+        if hashes and "image" in names and ("phash" not in names or pf.read(columns=["phash"]).column(0).null_count):
+            cols.append("image")  # some rows lack the hashes: read their stored images to compute them
+        for batch in pf.iter_batches(batch_size=256 if "image" in cols else 2048, columns=cols):
             for row in batch.to_pylist():
                 stage = row.get("stage")
                 if sub == "rejected" and stage not in stages:
                     continue
-                m = _compact(row)
+                m = _compact(fill_hashes(row, hashes, orb_n))
                 if embed_model and row.get("embed_model") not in (None, embed_model):
                     m["emb"] = None
                 m["rank"] = (PRIOR_SCORE, *m["rank"][1:])
@@ -250,9 +290,11 @@ class Dedup(beam.PTransform):
 
     def __init__(self, config: DedupConfig, estimated_rows: int | None = None, seed: int = 0,
                  prior_shards: Sequence[tuple[str, str]] = (), prior_stages: Sequence[str] = ("dedup",),
-                 embed_model: str | None = None):
+                 embed_model: str | None = None, orb_keypoints: int = ORB_KEYPOINTS):
         super().__init__()
         self._cfg = config
+        self._hashes = config.image_hashes  # computed here for rows that come without them
+        self._orb_n = orb_keypoints
         self._seed = seed
         # each active kind loads what it needs now, so a bad --decontaminate fails at construction
         self._state = {kind.reason: kind.prepare(config) for kind in kinds() if kind.active(config)}
@@ -263,12 +305,14 @@ class Dedup(beam.PTransform):
     def expand(self, rows):
         cfg = self._cfg
         keyed_rows = rows | "CountIn" >> beam.Map(_count_in)
-        compact = keyed_rows | "Compact" >> beam.Map(lambda kv: _compact(kv[1]))
+        hashes, orb_n = self._hashes, self._orb_n
+        compact = keyed_rows | "Compact" >> beam.Map(lambda kv: _compact(fill_hashes(kv[1], hashes, orb_n)))
         prior_dropped = None
         members = compact  # rows that take part in the keys: this run's, and the earlier runs' outputs
         if self._prior:
             prior = (rows.pipeline | "PriorShards" >> beam.Create(list(self._prior))
-                     | "PriorRows" >> beam.FlatMap(prior_records, self._prior_stages, self._embed_model))
+                     | "PriorRows" >> beam.FlatMap(prior_records, self._prior_stages, self._embed_model,
+                                                   hashes, orb_n))
             members = (compact, prior) | "WithPrior" >> beam.Flatten()
             prior_dropped = (prior | "PriorDropped" >> beam.Filter(lambda m: m["dropped"])
                              | "PriorDroppedMarks" >> beam.Map(lambda m: (m["uid"], True)))
@@ -305,8 +349,10 @@ def _check_passes(cfg: DedupConfig, run_config) -> None:
 def _build(cfg: DedupConfig, ctx: StageContext):
     if not cfg.active:
         return None
+    image_cfg = getattr(ctx.configs, "image", None)  # the ORB keypoint count of rows computed here
     return Dedup(cfg, estimated_rows=ctx.estimated_rows, prior_shards=ctx.prior_shards,
-                 prior_stages=names_from("dedup"), embed_model=ctx.embed_model)
+                 prior_stages=names_from("dedup"), embed_model=ctx.embed_model,
+                 orb_keypoints=getattr(image_cfg, "orb_keypoints", ORB_KEYPOINTS))
 
 
 register(Stage("dedup", DedupConfig, build=_build, position=60, needs=frozenset({IMAGE}),
