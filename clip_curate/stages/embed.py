@@ -35,19 +35,41 @@ log = logging.getLogger(__name__)
 STAGE = "embed"
 EMBED_FIELDS = ("image_embedding", "text_embedding", "clip_score", "embed_model")
 METRICS = records.METRICS_NAMESPACE
+OPENCV_MIN_SIZE = 224  # model inputs from this size up resize with OpenCV (fast_pixels)
 
 
 @dataclass(frozen=True)
 class PixelPlan:
-    """How a PIL image becomes model input: the PIL part of the model's transform, then (on the
-    device) ``x / 255``, ``(x - mean) / std`` — exactly open_clip's ToTensor + Normalize."""
+    """How image bytes become model input: the PIL part of the model's transform, then (on the
+    device) ``x / 255``, ``(x - mean) / std`` — exactly open_clip's ToTensor + Normalize.
+
+    ``fast_size``: the PIL part is open_clip's eval ``Resize(S)`` (shortest side) + ``CenterCrop(S)``, which
+    :func:`fast_pixels` does on a simplejpeg decode with OpenCV instead (see docs/clip.md for the tolerance)."""
 
     pil_transform: Any
     mean: tuple[float, float, float] | None  # None: pil_transform already yields the float tensor
     std: tuple[float, float, float] | None
+    fast_size: int | None = None
 
 
-def pixel_plan(preprocess) -> PixelPlan:
+def _shortest_side_crop(steps: list) -> int | None:
+    """S when ``steps`` are ``Resize(S, bicubic) + CenterCrop(S) [+ RGB convert]``, else None."""
+    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+
+    if len(steps) not in (2, 3) or not isinstance(steps[0], Resize) or not isinstance(steps[1], CenterCrop):
+        return None
+    if len(steps) == 3 and type(steps[2]).__name__ not in ("MaybeConvertMode", "function"):
+        return None
+    resize, crop = steps[0], steps[1]
+    size = resize.size if isinstance(resize.size, int) else (resize.size[0] if len(resize.size) == 1 else None)
+    if size is None or resize.max_size is not None or tuple(crop.size) != (size, size):
+        return None
+    if resize.interpolation != InterpolationMode.BICUBIC:
+        return None
+    return int(size)
+
+
+def pixel_plan(preprocess, fast: bool = True) -> PixelPlan:
     """Split open_clip's eval ``Compose`` at ToTensor; falls back to the whole transform."""
     from torchvision.transforms import Compose, Normalize, ToTensor
 
@@ -55,14 +77,52 @@ def pixel_plan(preprocess) -> PixelPlan:
     if (len(steps) >= 2 and isinstance(steps[-1], Normalize) and isinstance(steps[-2], ToTensor)
             and not any(isinstance(s, (ToTensor, Normalize)) for s in steps[:-2])):
         norm = steps[-1]
-        return PixelPlan(Compose(steps[:-2]), tuple(float(v) for v in norm.mean), tuple(float(v) for v in norm.std))
+        return PixelPlan(Compose(steps[:-2]), tuple(float(v) for v in norm.mean), tuple(float(v) for v in norm.std),
+                         _shortest_side_crop(steps[:-2]) if fast else None)
     return PixelPlan(preprocess, None, None)
+
+
+def resized_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """torchvision's ``Resize(size)`` output ``(w, h)`` and ``CenterCrop(size)`` offsets ``(left, top)``."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    w, h = (size, new_long) if width <= height else (new_long, size)
+    return w, h, int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+
+
+def fast_pixels(image_bytes: bytes, size: int) -> np.ndarray:
+    """JPEG bytes -> uint8 ``[3, S, S]``: simplejpeg decode, resize of the shortest side to S, centre crop.
+
+    For inputs of ``OPENCV_MIN_SIZE`` px or more, a shrink by less than 2x (the stored 256 px -> 224) is OpenCV's
+    bicubic, within the tolerance of docs/clip.md of open_clip's Pillow resize; every other case uses
+    Pillow's resize itself, so its pixels are open_clip's exactly (the small synthetic-world models keep
+    the pixels they were calibrated on). Raises ValueError on anything but a JPEG."""
+    import cv2
+    import simplejpeg
+    from PIL import Image
+
+    if image_bytes[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG")
+    arr = simplejpeg.decode_jpeg(image_bytes, colorspace="RGB")
+    height, width = arr.shape[:2]
+    w, h, left, top = resized_geometry(width, height, size)
+    if (w, h) != (width, height):
+        if size >= OPENCV_MIN_SIZE and 1 <= min(width, height) / size < 2:
+            arr = cv2.resize(arr, (w, h), interpolation=cv2.INTER_CUBIC)
+        else:
+            arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.BICUBIC))
+    return np.ascontiguousarray(arr[top:top + size, left:left + size].transpose(2, 0, 1))
 
 
 def prepare_image(image_bytes: bytes, plan: PixelPlan) -> np.ndarray:
     """JPEG/PNG bytes -> model input: uint8 ``[3, S, S]`` (or float32 when the plan has no split)."""
     from PIL import Image
 
+    if plan.fast_size:
+        try:
+            return fast_pixels(image_bytes, plan.fast_size)
+        except Exception:  # noqa: BLE001 - PNG, CMYK JPEG...: the model's own PIL transform below
+            pass
     with Image.open(io.BytesIO(image_bytes)) as im:
         im.load()
         out = plan.pil_transform(im.convert("RGB"))

