@@ -13,10 +13,17 @@ Caption rules, in this order, first failure wins (stage ``caption``):
 
 Every row leaving the caption stage, kept or rejected, carries ``language`` (ISO 639-1, lowercase,
 or None), detected with lingua on the first 1000 characters.
+
+The detector knows only the ``--language-candidates`` (plus the ``--languages`` codes) and is built once
+per worker process, shared by every caption DoFn instance there. ``--language-accuracy auto`` (the
+default) loads lingua's full models only when ``--languages`` filters rows; a language that is only
+recorded uses lingua's low-accuracy mode (trigrams: a fraction of the load time and memory, less
+accurate on captions under ~120 characters). With ``--no-detect-language`` lingua is never imported.
 """
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +55,11 @@ class CaptionConfig:
     language_candidates: tuple[str, ...] = opt(
         WEB_LANGUAGES, "languages the detector chooses among (ISO 639-1; --languages codes are added); 'all' = "
                        "all 75 lingua languages (~15 s load, ~0.9 GB per worker)")
-    language_low_accuracy: bool = opt(False, "lingua low-accuracy mode: ~10x faster, ~80 MB, worse on short "
-                                             "captions")
+    language_accuracy: str = opt(
+        "auto", "lingua's models: high (all n-gram sizes: best on short captions; ~5 s and ~150-250 MB per worker "
+                "for 12 languages), low (trigrams only: ~0.3 s, ~30 MB; less accurate under ~120 characters), "
+                "auto = high when --languages filters rows, low when the language is only recorded",
+        choices=("auto", "high", "low"))
 
     def __post_init__(self):
         if self.min_caption_words < 0:
@@ -63,7 +73,12 @@ class CaptionConfig:
         elif candidates:
             candidates += tuple(c for c in self.languages if c not in candidates)
         object.__setattr__(self, "language_candidates", candidates)
-        for flag, codes in (("--languages", self.languages), ("--language-candidates", self.language_candidates)):
+        if self.language_accuracy not in ("auto", "high", "low"):
+            raise ConfigError(f"--language-accuracy: {self.language_accuracy!r} is not one of auto, high, low")
+        # without detection the candidates are never used: lingua is not even imported
+        checked = (("--languages", self.languages),) + ((("--language-candidates", self.language_candidates),)
+                                                         if self.detect_language else ())
+        for flag, codes in checked:
             bad = [c for c in codes if c not in lingua_codes()]
             if bad:
                 raise ConfigError(f"{flag}: unknown ISO 639-1 code(s) {', '.join(bad)}; use codes lingua knows "
@@ -82,6 +97,13 @@ class CaptionConfig:
     def active(self) -> bool:
         return bool(self.min_caption_words or self.max_caption_chars or self.languages or self.detect_language)
 
+    @property
+    def low_accuracy(self) -> bool:
+        """Whether the detector uses lingua's low-accuracy mode (``auto``: when no ``--languages`` filter)."""
+        if self.language_accuracy == "auto":
+            return not self.languages
+        return self.language_accuracy == "low"
+
 
 _LINGUA_CODES: frozenset[str] | None = None
 
@@ -96,18 +118,39 @@ def lingua_codes() -> frozenset[str]:
     return _LINGUA_CODES
 
 
+def detector_key(cfg: CaptionConfig) -> tuple[tuple[str, ...], bool]:
+    """What a detector for ``cfg`` is built from: (candidate codes, sorted; () = all), low-accuracy mode."""
+    return tuple(sorted(cfg.language_candidates)), cfg.low_accuracy
+
+
 def build_detector(cfg: CaptionConfig):
-    """A lingua detector for ``cfg`` (models load lazily on first use)."""
+    """A lingua detector for ``cfg``: only the candidate languages, in the mode ``cfg`` asks for (lingua
+    loads each language's models on first use)."""
     from lingua import IsoCode639_1, LanguageDetectorBuilder
 
-    if cfg.language_candidates:
-        codes = [getattr(IsoCode639_1, c.upper()) for c in cfg.language_candidates]
-        builder = LanguageDetectorBuilder.from_iso_codes_639_1(*codes)
+    codes, low = detector_key(cfg)
+    if codes:
+        builder = LanguageDetectorBuilder.from_iso_codes_639_1(*[getattr(IsoCode639_1, c.upper()) for c in codes])
     else:
         builder = LanguageDetectorBuilder.from_all_languages()
-    if cfg.language_low_accuracy:
+    if low:
         builder = builder.with_low_accuracy_mode()
     return builder.build()
+
+
+#: One detector per worker process and key, shared by every caption DoFn instance (threads, bundles):
+#: lingua's models are large, and loading them once per instance multiplied both time and memory.
+_DETECTORS: dict[tuple, Any] = {}
+_DETECTORS_LOCK = threading.Lock()
+
+
+def shared_detector(cfg: CaptionConfig):
+    """The process's detector for ``cfg`` (built on first call; later calls with the same key share it)."""
+    key = detector_key(cfg)
+    with _DETECTORS_LOCK:
+        if key not in _DETECTORS:
+            _DETECTORS[key] = build_detector(cfg)
+        return _DETECTORS[key]
 
 
 def detect_language(caption: str, detector) -> str | None:
@@ -141,7 +184,7 @@ class _CaptionRules(RowFilter):
     stage = "caption"
 
     def load(self):
-        self._detector = build_detector(self.config) if self.config.detect_language else None
+        self._detector = shared_detector(self.config) if self.config.detect_language else None
 
     def judge(self, row):
         language, reason, detail = caption_verdict(row.get("caption"), self.config, self._detector)
