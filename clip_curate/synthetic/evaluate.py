@@ -8,6 +8,10 @@ Both arms train the same open_clip config (:data:`PROXY_MODEL_CFG`, random init)
   class embedded as the mean of its prompts), and their mean (the headline figure);
 - image->text and text->image retrieval recall@1/5 among the held-out images and their captions.
 
+``--groups FILE`` (JSON ``{"attribute": "concept", "groups": {"head": [...], "tail": [...]}}``) also scores
+every attribute on the subsets of held-out images whose label of that attribute is in each group (e.g. head vs
+tail concepts of a long-tailed world): metrics ``zero_shot/<attribute>@<group>``.
+
 Several ``--seeds`` give mean, standard deviation and range per arm; ``evaluation.json`` holds every
 run and the paired (same seed) curated - raw differences, ``evaluation.png`` plots them.
 
@@ -22,7 +26,7 @@ The held-out set (``--eval-set``) is a directory with ``eval.parquet`` (``image`
 ``label_<attribute>`` columns) and ``classes.json`` (``{attribute: {"classes": [...], "prompts":
 {class: [...]}}}``); ``--make-eval-set DIR`` writes one from fresh synthetic-world scenes
 (:func:`clip_curate.synthetic.world.heldout_set`, a seed the world never uses), labelled by all seven world
-attributes.
+attributes (``--eval-attributes`` adds ``concept``, the colour-shape pair of a long-tailed world).
 """
 from __future__ import annotations
 
@@ -268,13 +272,17 @@ class EvalSet:
     labels: dict[str, np.ndarray]
     classes: dict[str, list[str]]
     prompts: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    #: ``{group: boolean mask over the images}`` (``--groups``): zero-shot accuracy is also scored per group.
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.captions)
 
 
-def make_eval_set(out_dir: str, n: int = 1000, seed: int = DEFAULT_EVAL_SEED, image_px: int = 128) -> str:
-    """Write ``n`` fresh labelled synthetic scenes (all seven world attributes) as an eval set."""
+def make_eval_set(out_dir: str, n: int = 1000, seed: int = DEFAULT_EVAL_SEED, image_px: int = 128,
+                  attributes: Sequence[str] | None = None) -> str:
+    """Write ``n`` fresh labelled synthetic scenes as an eval set, labelled by ``attributes`` (default: the
+    seven world attributes; ``concept`` adds the colour-shape pair)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -282,14 +290,19 @@ def make_eval_set(out_dir: str, n: int = 1000, seed: int = DEFAULT_EVAL_SEED, im
 
     if n < 2:
         raise ConfigError(f"--eval-size must be >= 2, got {n}")
+    attributes = list(attributes or W.LABEL_ATTRIBUTES)
+    known = W.LABEL_ATTRIBUTES + ("concept",)
+    unknown = [a for a in attributes if a not in known]
+    if unknown:
+        raise ConfigError(f"--eval-attributes: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     ls = W.heldout_set(n, seed, image_px=image_px)
     classes = {a: {"classes": list(W.attribute_classes(a)),
                    "prompts": {c: W.zero_shot_prompts(a, c) for c in W.attribute_classes(a)}}
-               for a in W.LABEL_ATTRIBUTES}
+               for a in attributes}
     cols: dict[str, list] = {"uid": [it.uid for it in ls.items], "image": list(ls.images),
                              "caption": [it.caption for it in ls.items]}
-    for a in W.LABEL_ATTRIBUTES:
-        cols[f"label_{a}"] = [str(it.truth[a]) for it in ls.items]
+    for a in attributes:
+        cols[f"label_{a}"] = [W.label_value(it.truth, a) for it in ls.items]
     table = pa.table(cols)
     meta = {"seed": seed, "n": n, "image_px": image_px, "attributes": classes}
     table = table.replace_schema_metadata({CLASSES_METADATA_KEY: json.dumps(meta).encode()})
@@ -302,8 +315,10 @@ def make_eval_set(out_dir: str, n: int = 1000, seed: int = DEFAULT_EVAL_SEED, im
     return out_dir
 
 
-def load_eval_set(path: str, preprocess_cfg: dict[str, Any], attributes: Sequence[str] = ()) -> EvalSet:
-    """Read ``--eval-set`` (a directory with eval.parquet [+ classes.json], or the Parquet file)."""
+def load_eval_set(path: str, preprocess_cfg: dict[str, Any], attributes: Sequence[str] = (),
+                  groups: dict[str, Any] | None = None) -> EvalSet:
+    """Read ``--eval-set`` (a directory with eval.parquet [+ classes.json], or the Parquet file); ``groups``
+    (``{"attribute": a, "groups": {name: [class, ...]}}``) selects image subsets to score apart."""
     import pyarrow.parquet as pq
 
     from clip_curate.synthetic import train
@@ -344,8 +359,31 @@ def load_eval_set(path: str, preprocess_cfg: dict[str, Any], attributes: Sequenc
         declared_prompts = declared.get(a, {}).get("prompts", {})
         prompts[a] = {c: list(declared_prompts.get(c) or [DEFAULT_PROMPT.format(c)]) for c in cls}
     captions = [str(c) for c in table.column(cap_col).to_pylist()] if cap_col else []
+    masks = group_masks(groups, {a: [str(v) for v in table.column(f"label_{a}").to_pylist()] for a in found})
     pixels = train.images_to_uint8(table.column(img_col).to_pylist(), preprocess_cfg)
-    return EvalSet(pixels, captions, labels, classes, prompts)
+    return EvalSet(pixels, captions, labels, classes, prompts, masks)
+
+
+def group_masks(groups: dict[str, Any] | None, labels: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """``{group: mask}`` of the held-out images whose ``groups["attribute"]`` label is in each group's classes."""
+    if not groups:
+        return {}
+    if not isinstance(groups, dict) or not isinstance(groups.get("groups"), dict) or not groups["groups"]:
+        raise ConfigError('--groups: expected {"attribute": NAME, "groups": {GROUP: [CLASS, ...], ...}}')
+    attr = groups.get("attribute")
+    if attr not in labels:
+        raise ConfigError(f"--groups: attribute {attr!r} has no label_{attr} column in the eval set; "
+                          f"choose from {', '.join(labels)}")
+    values = np.asarray(labels[attr], dtype=object)
+    out = {}
+    for name, members in groups["groups"].items():
+        if not isinstance(members, (list, tuple)) or not members:
+            raise ConfigError(f"--groups: group {name!r} needs a non-empty list of {attr} classes")
+        out[str(name)] = np.isin(values, [str(m) for m in members])
+        if not out[str(name)].any():
+            raise ConfigError(f"--groups: no held-out image of group {name!r} ({', '.join(map(str, members[:3]))}"
+                              f"{' ...' if len(members) > 3 else ''}); check the label_{attr} classes")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,11 +396,17 @@ def score_model(model, eval_set: EvalSet, *, model_cfg: dict[str, Any], preproce
 
     tok = train.make_tokenizer(model_cfg)
     img = train.encode_images(model, eval_set.pixels, preprocess_cfg=preprocess_cfg, device=device)
-    zs = {}
+    zs: dict[str, float] = {}
+    groups: dict[str, dict[str, float]] = {}
     for a, cls in eval_set.classes.items():
         per_class = [train.encode_texts(model, eval_set.prompts[a][c], tokenizer=tok, device=device) for c in cls]
-        zs[a] = zero_shot_accuracy(img, class_embeddings(per_class), eval_set.labels[a])
+        class_emb = class_embeddings(per_class)
+        zs[a] = zero_shot_accuracy(img, class_emb, eval_set.labels[a])
+        for g, mask in eval_set.groups.items():
+            groups.setdefault(g, {})[a] = zero_shot_accuracy(img[mask], class_emb, eval_set.labels[a][mask])
     out: dict[str, Any] = {"zero_shot": zs, "zero_shot_mean": float(np.mean(list(zs.values())))}
+    if groups:
+        out["zero_shot_groups"] = groups
     if eval_set.captions:
         txt = train.encode_texts(model, eval_set.captions, tokenizer=tok, device=device)
         out["retrieval"] = retrieval_recall(img, txt, groups=eval_set.captions)
@@ -373,6 +417,7 @@ def flat_metrics(run: dict[str, Any]) -> dict[str, float]:
     """``{"zero_shot_mean": .., "zero_shot/shape": .., "retrieval/i2t_r@1": ..}`` of one scored run."""
     out = {"zero_shot_mean": run["zero_shot_mean"]}
     out.update({f"zero_shot/{a}": v for a, v in run["zero_shot"].items()})
+    out.update({f"zero_shot/{a}@{g}": v for g, accs in run.get("zero_shot_groups", {}).items() for a, v in accs.items()})
     out.update({f"retrieval/{k}": v for k, v in run.get("retrieval", {}).items()})
     return out
 
@@ -495,6 +540,7 @@ def evaluate(raw: Pool, curated: Pool, eval_set: EvalSet, *, seeds: Sequence[int
     keys = list(arms["raw"]["summary"])
     comparison = {k: compare([m[k] for m in metrics["raw"]], [m[k] for m in metrics["curated"]]) for k in keys}
     chance = {f"zero_shot/{a}": 1 / len(c) for a, c in eval_set.classes.items()}
+    chance.update({f"zero_shot/{a}@{g}": 1 / len(c) for a, c in eval_set.classes.items() for g in eval_set.groups})
     chance["zero_shot_mean"] = float(np.mean(list(chance.values())))
     n = len(eval_set)
     for k in keys:
@@ -544,6 +590,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--make-eval-set", metavar="DIR", default=None,
                    help="write a labelled held-out set of fresh synthetic scenes to DIR and exit")
     p.add_argument("--eval-size", type=int, default=1000, help="images in --make-eval-set (default: 1000)")
+    p.add_argument("--eval-attributes", default="",
+                   help="comma-separated label attributes of --make-eval-set (default: the seven world attributes; "
+                        "'concept' adds the colour-shape pair)")
+    p.add_argument("--groups", default=None, metavar="FILE",
+                   help='JSON {"attribute": A, "groups": {NAME: [CLASS, ...]}}: also score every attribute on the '
+                        "held-out images whose A label is in each group (e.g. head vs tail concepts)")
     p.add_argument("--eval-seed", type=int, default=DEFAULT_EVAL_SEED,
                    help=f"scene seed of --make-eval-set (default: {DEFAULT_EVAL_SEED})")
     return p
@@ -567,7 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args, rest = build_arg_parser().parse_known_args(argv)
     if args.make_eval_set:
-        make_eval_set(args.make_eval_set, args.eval_size, args.eval_seed)
+        make_eval_set(args.make_eval_set, args.eval_size, args.eval_seed,
+                      attributes=[a.strip() for a in args.eval_attributes.split(",") if a.strip()] or None)
         print(f"eval set: {args.eval_size} labelled scenes (seed {args.eval_seed}) in {args.make_eval_set}")
         return 0
     for flag in ("raw", "curated", "eval_set"):
@@ -597,7 +650,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
     pre = train.TINY_PREPROCESS_CFG
     attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
-    eval_set = load_eval_set(args.eval_set, pre, attributes)
+    groups = None
+    if args.groups:
+        try:
+            with open(args.groups, encoding="utf-8") as f:
+                groups = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--groups {args.groups}: {exc}") from None
+    eval_set = load_eval_set(args.eval_set, pre, attributes, groups)
     raw_src = args.raw
     if raw_kind == "urls":
         raw_src = download_raw_pool(args.raw, posixpath.join(args.output.rstrip("/"), "raw-pool"), rest)

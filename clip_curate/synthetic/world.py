@@ -23,6 +23,10 @@ random luminance gradient. Captions are compositional and drawn from varied temp
 ``broken_not_image``        URL that the world server answers with an HTML page
 ==========================  =====================================================================
 
+``long_tail=R`` makes the world long-tailed: the (colour, shape) concepts of its scenes (:data:`CONCEPTS`,
+"red circle" ... "black diamond") follow a Zipf law, ranked in that order, so the head concept is ``R``
+times as frequent as the rarest (:func:`long_tail_weights`). Off (0), every concept is equally likely.
+
 Everything is a pure function of ``seed`` (and the other arguments).
 """
 from __future__ import annotations
@@ -120,9 +124,36 @@ def _contrast_ok(colour: str, background: str) -> bool:
     return int(np.abs(a - b).sum()) >= 150
 
 
-def sample_attributes(rng: np.random.Generator) -> dict[str, Any]:
-    """Draw a random valid attribute set (shape, colour, count, size, position, background, texture)."""
+#: The (colour, shape) concepts of a long-tailed world, in Zipf rank order (colour-major over the vocabulary:
+#: ``("red", "circle")`` is the head, ``("black", "diamond")`` the rarest).
+CONCEPTS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES)
+
+
+def concept_name(colour: str, shape: str) -> str:
+    """``("red", "circle")`` -> ``"red circle"`` (the class name of the ``concept`` label attribute)."""
+    return f"{colour} {shape}"
+
+
+def long_tail_weights(ratio: float) -> np.ndarray:
+    """Zipf probabilities of :data:`CONCEPTS`: rank k gets ``k**-s``, with ``s`` chosen so that the head concept
+    is ``ratio`` times as frequent as the rarest (``ratio`` 100 over 48 concepts: s = 1.19)."""
+    if not ratio >= 1.0:
+        raise ValueError(f"long_tail must be 0 (off) or a head/tail frequency ratio >= 1, got {ratio}")
+    s = math.log(ratio) / math.log(len(CONCEPTS))
+    w = np.arange(1, len(CONCEPTS) + 1, dtype=np.float64) ** -s
+    return w / w.sum()
+
+
+def sample_attributes(rng: np.random.Generator, concept_p: np.ndarray | None = None) -> dict[str, Any]:
+    """Draw a random valid attribute set (shape, colour, count, size, position, background, texture);
+    ``concept_p`` (optional) are the probabilities of :data:`CONCEPTS` for the (colour, shape) pair."""
     size = _choice(rng, SIZES)
+    if concept_p is not None:
+        colour, shape = CONCEPTS[int(rng.choice(len(CONCEPTS), p=concept_p))]
+        backgrounds = [b for b in BACKGROUNDS if _contrast_ok(colour, b)]
+        return {"shape": shape, "colour": colour, "count": int(rng.integers(1, MAX_COUNT[size] + 1)), "size": size,
+                "position": _choice(rng, POSITIONS), "background": _choice(rng, backgrounds),
+                "texture": _choice(rng, TEXTURES)}
     colour = _choice(rng, tuple(COLOURS))
     backgrounds = [b for b in BACKGROUNDS if _contrast_ok(colour, b)]
     return {
@@ -398,12 +429,16 @@ class LabelledSet:
     def with_attribute(self, attribute: str) -> "LabelledSet":
         """The same images labelled by another attribute."""
         classes = attribute_classes(attribute)
-        labels = tuple(classes.index(str(it.truth[attribute])) for it in self.items)
+        labels = tuple(classes.index(label_value(it.truth, attribute)) for it in self.items)
         return LabelledSet(attribute, classes, self.images, labels, self.items)
 
 
 def zero_shot_prompts(attribute: str, value: Any) -> list[str]:
     """Caption-like prompts for one class of ``attribute`` (used for zero-shot classification)."""
+    if attribute == "concept":
+        colour, shape = str(value).split(" ", 1)
+        return [f"a picture of {colour} {plural(shape)}", f"some {colour} {plural(shape)} on a background",
+                f"one {colour} {shape}"]
     if attribute == "shape":
         return [f"a picture of {plural(value)}", f"some {plural(value)} on a background", f"one {value}"]
     if attribute == "colour":
@@ -425,7 +460,8 @@ def zero_shot_prompts(attribute: str, value: Any) -> list[str]:
 
 def attribute_classes(attribute: str) -> tuple[str, ...]:
     table = {"shape": SHAPES, "colour": tuple(COLOURS), "count": ("1", "2", "3", "4"), "size": SIZES,
-             "position": POSITIONS, "background": tuple(BACKGROUNDS), "texture": TEXTURES}
+             "position": POSITIONS, "background": tuple(BACKGROUNDS), "texture": TEXTURES,
+             "concept": tuple(concept_name(c, s) for c, s in CONCEPTS)}
     if attribute not in table:
         raise ValueError(f"unknown attribute {attribute!r}; choose from {LABEL_ATTRIBUTES}")
     return table[attribute]
@@ -450,9 +486,16 @@ def attribute_groups(attribute: str = "colour") -> dict[str, dict[str, list[str]
 _TRUTH_ATTRS = ("shape", "colour", "count", "size", "position", "background", "texture")
 
 
+def label_value(attrs: dict[str, Any], attribute: str) -> str:
+    """The class name of ``attribute`` for a scene's attributes (``concept``: ``"red circle"``)."""
+    if attribute == "concept":
+        return concept_name(attrs["colour"], attrs["shape"])
+    return str(attrs[attribute])
+
+
 def _scene(rng: np.random.Generator, seed_key: Sequence[int], image_px: int, *, unsafe: bool = False,
-           fmt: str = "JPEG") -> tuple[dict[str, Any], bytes]:
-    attrs = sample_attributes(rng)
+           fmt: str = "JPEG", concept_p: np.ndarray | None = None) -> tuple[dict[str, Any], bytes]:
+    attrs = sample_attributes(rng, concept_p)
     img = render_scene(attrs, list(seed_key) + [1], image_px=image_px, unsafe=unsafe)
     return attrs, encode_image(img, fmt)
 
@@ -577,14 +620,17 @@ def generate_world(n: int, seed: int, *, mismatch_random: float = 0.15, mismatch
                    dup_exact: float = 0.03, dup_near: float = 0.05, unsafe: float = 0.03,
                    unsafe_caption_fraction: float = 0.7, eval_leak: float = 0.02, eval_size: int = 32,
                    broken_404: float = 0.0, broken_not_image: float = 0.0, png_fraction: float = 0.1,
-                   image_px: int = 128) -> World:
+                   image_px: int = 128, long_tail: float = 0.0) -> World:
     """Generate ``n`` URL items with ground truth; fractions are of ``n`` (the rest are ``matched``).
 
     Deterministic in all arguments. Duplicates copy ``matched`` items; eval leaks copy
     ``eval_items`` (an eval set of ``eval_size`` scenes from a derived seed). Item order is shuffled.
+    ``long_tail`` > 0: scene concepts (and the unrelated scenes random mismatches describe) follow
+    :func:`long_tail_weights` of that head/tail ratio; the eval set stays uniform. 0 (default): the uniform world.
     """
     if n < 1:
         raise ValueError("n must be >= 1")
+    concept_p = long_tail_weights(long_tail) if long_tail else None
     counts = _counts(n, {"mismatch_random": mismatch_random, "mismatch_hard": mismatch_hard,
                          "dup_exact": dup_exact, "dup_near": dup_near, "unsafe": unsafe,
                          "eval_leak": eval_leak, "broken_404": broken_404,
@@ -608,11 +654,11 @@ def generate_world(n: int, seed: int, *, mismatch_random: float = 0.15, mismatch
         uid = f"w{idx:06d}"
         fmt = "PNG" if rng.random() < png_fraction else "JPEG"
         is_unsafe = kind == "unsafe"
-        attrs, data = _scene(rng, [seed, 3, idx], image_px, unsafe=is_unsafe, fmt=fmt)
+        attrs, data = _scene(rng, [seed, 3, idx], image_px, unsafe=is_unsafe, fmt=fmt, concept_p=concept_p)
         truth: dict[str, Any] = {"kind": kind, **attrs, "caption_ok": True, "unsafe": is_unsafe}
         ctype = "image/png" if fmt == "PNG" else "image/jpeg"
         if kind == "mismatch_random":
-            caption = describe(_unrelated_attributes(attrs, rng), rng)
+            caption = describe(_unrelated_attributes(attrs, rng, concept_p), rng)
             truth["caption_ok"] = False
         elif kind == "mismatch_hard":
             other, changed = change_one_attribute(attrs, rng)
@@ -662,6 +708,8 @@ def generate_world(n: int, seed: int, *, mismatch_random: float = 0.15, mismatch
                   unsafe_caption_fraction=unsafe_caption_fraction, eval_leak=eval_leak,
                   eval_size=eval_size, broken_404=broken_404, broken_not_image=broken_not_image,
                   png_fraction=png_fraction, image_px=image_px)
+    if long_tail:
+        params["long_tail"] = long_tail
     return World(seed=seed, image_px=image_px, items=items, eval_items=eval_items, params=params)
 
 
@@ -676,7 +724,7 @@ def heldout_set(n: int, seed: int, *, attribute: str = "shape", image_px: int = 
         uid = f"{uid_prefix}{i:06d}"
         truth = {"kind": "heldout", **attrs, "caption_ok": True, "unsafe": False}
         items.append(WorldItem(uid, f"/eval/{uid}.jpg", describe(attrs, rng), data, "image/jpeg", truth))
-        labels.append(classes.index(str(attrs[attribute])))
+        labels.append(classes.index(label_value(attrs, attribute)))
     return LabelledSet(attribute, classes, tuple(it.image_bytes for it in items), tuple(labels), tuple(items))
 
 
@@ -707,11 +755,12 @@ def _captions_and_other(attrs: dict[str, Any], rng: np.random.Generator, n_capti
     return tuple(caps), _unrelated_attributes(attrs, rng)
 
 
-def _unrelated_attributes(attrs: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+def _unrelated_attributes(attrs: dict[str, Any], rng: np.random.Generator,
+                          concept_p: np.ndarray | None = None) -> dict[str, Any]:
     """Attributes of a random scene that differs from ``attrs`` in at least one of :data:`HARD_ATTRIBUTES`."""
-    other = sample_attributes(rng)
+    other = sample_attributes(rng, concept_p)
     while all(other[a] == attrs[a] for a in HARD_ATTRIBUTES):
-        other = sample_attributes(rng)
+        other = sample_attributes(rng, concept_p)
     return other
 
 
