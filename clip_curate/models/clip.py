@@ -18,7 +18,9 @@
 
 :func:`validate_model_config` runs in the launcher before any download work: names, files, tags, hub
 reachability (bounded: a 3 s probe) and, for weights on disk, one safe load of them, so a bad checkpoint
-is a one-line error; :func:`load_clip` builds the model on a worker. Which judgments a model's scores
+is a one-line error (the bundled synthetic-tiny is not loaded there: its weights ship with the package);
+:func:`load_clip` builds the model on a worker, :func:`shared_clip` once per worker process, and
+:class:`Deferred` in the background while the worker's other steps start. Which judgments a model's scores
 are trusted for is its card's business (:mod:`clip_curate.models.cards`).
 """
 from __future__ import annotations
@@ -478,7 +480,7 @@ def validate_model_config(cfg: ModelConfig, *, check_network: bool = True, load_
     note = precision_note(cfg, device)
     if note:
         log.warning(note)
-    if load_local and spec.weights:
+    if load_local and spec.weights and spec.kind != "synthetic":  # the bundled model's weights are the package's
         st = os.stat(spec.weights)
         _check_local_weights(spec, cfg.clip_model, cfg.clip_pretrained, st.st_size, st.st_mtime_ns)
 
@@ -622,6 +624,61 @@ def load_clip(cfg: ModelConfig, device: str | None = None) -> LoadedClip:
     return LoadedClip(model, preprocess, tokenizer, mid, embed_dim, torch.device(dev), effective_precision(cfg, dev))
 
 
+# ---------------------------------------------------------------------------------------------
+# One model per worker process, loaded in the background
+
+_SHARED: dict[tuple, LoadedClip] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_clip(cfg: ModelConfig, device: str | None = None) -> LoadedClip:
+    """:func:`load_clip` once per process for each (model, weights, device, precision): the embedding stage,
+    the safety concept prompts and the audit's zero-shot prompts of one worker share one model copy."""
+    key = (cfg.clip_model, cfg.clip_pretrained, device or cfg.device, cfg.precision)
+    with _SHARED_LOCK:  # held while loading: a second caller waits for the first copy instead of making its own
+        if key not in _SHARED:
+            _SHARED[key] = load_clip(cfg, device)
+        return _SHARED[key]
+
+
+class Deferred:
+    """A value that ``factory()`` builds in a background thread, started at construction.
+
+    :meth:`get` waits for it and re-raises the factory's exception; other attribute lookups go to the value
+    (``deferred.embed(...)`` waits, then calls). A model handler returns one from ``load_model`` so that a
+    worker's set-up does not wait for the model: the steps before it (caption rules, downloads, decoding)
+    start at once, and the first batch waits only for what is still loading."""
+
+    def __init__(self, factory: Callable[[], Any], name: str = "clip-curate-load"):
+        self._factory = factory
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._factory()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever calls get()
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def ready(self) -> bool:
+        return self._done.is_set()
+
+    def get(self) -> Any:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.get(), name)
+
+
 def _probe_dim(model, dev: str) -> int:
     import torch
 
@@ -739,8 +796,8 @@ def has_clip_model(model_config: ModelConfig | None) -> bool:
 
 
 def encode_prompts(model_config: Any, prompts: Sequence[str]) -> np.ndarray:
-    """L2-normalised text embeddings of ``prompts`` with the run's CLIP model (loads it once)."""
-    loaded = load_clip(model_config)
+    """L2-normalised text embeddings of ``prompts`` with the run's CLIP model (one copy per process)."""
+    loaded = shared_clip(model_config)
     return np.asarray(encode_texts(loaded, list(prompts)), dtype=np.float32)
 
 

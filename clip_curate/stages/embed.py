@@ -26,8 +26,8 @@ import apache_beam as beam
 import numpy as np
 
 from clip_curate import records
-from clip_curate.models.clip import (ModelConfig, autocast_context, embed_model_key, load_clip, load_preprocess,
-                                     validate_model_config)
+from clip_curate.models.clip import (Deferred, ModelConfig, autocast_context, embed_model_key, load_preprocess,
+                                     shared_clip, validate_model_config)
 from clip_curate.stages.base import IMAGE, Stage, register
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class ClipEmbedder:
     def __init__(self, config: ModelConfig):
         import torch
 
-        self.loaded = load_clip(config)
+        self.loaded = shared_clip(config)  # one copy per process (the safety/audit prompts use it too)
         self.device = self.loaded.device
         self.precision = self.loaded.precision
         self.plan = pixel_plan(self.loaded.preprocess)
@@ -219,6 +219,13 @@ class _ClipHandler:
         self._config = config
 
     def load_model(self) -> ClipEmbedder:
+        """The embedder, loading in the background (``Deferred``): the worker's steps before the model start
+        at once. With ``--share-model`` the shared process loads it (a proxy needs the real object)."""
+        if self._config.share_model:
+            return self._load_embedder()
+        return Deferred(self._load_embedder, name="clip-curate-embed-load")
+
+    def _load_embedder(self) -> ClipEmbedder:
         t0 = time.monotonic()
         embedder = ClipEmbedder(self._config)
         log.info("embed: loaded %s on %s (%s) in %.1f s", embedder.loaded.model_id, embedder.device,
