@@ -476,10 +476,10 @@ def validate_model_config(cfg: ModelConfig, *, check_network: bool = True, load_
                 raise ConfigError(offline_error(cfg, reason))
     if cfg.device == "cuda" and not cfg.accelerator:
         resolve_device("cuda")  # raises without a GPU; with --accelerator the workers are checked on load
-    device = resolve_device(cfg.device, check=False)
-    note = precision_note(cfg, device)
-    if note:
-        log.warning(note)
+    if cfg.precision != "fp32":  # fp32 needs no note: torch is not imported for it here
+        note = precision_note(cfg, resolve_device(cfg.device, check=False))
+        if note:
+            log.warning(note)
     if load_local and spec.weights and spec.kind != "synthetic":  # the bundled model's weights are the package's
         st = os.stat(spec.weights)
         _check_local_weights(spec, cfg.clip_model, cfg.clip_pretrained, st.st_size, st.st_mtime_ns)

@@ -314,12 +314,17 @@ class _Prepare(beam.DoFn):
         self._key = key
 
     def setup(self):
-        transform, self._tokenizer = load_preprocess(self._config)  # no weights: cheap
-        self._plan = pixel_plan(transform)
+        # no weights, but open_clip's import takes seconds: in the background, so the steps before start at once
+        self._preprocess = Deferred(self._load_preprocess, name="clip-curate-preprocess-load")
+        self._plan = self._tokenizer = None
         self._in = beam.metrics.Metrics.counter(METRICS, "embed_in")
         self._reused = beam.metrics.Metrics.counter(METRICS, "embed_reused")
         self._errors = beam.metrics.Metrics.counter(METRICS, "embed_embed_error")
         self._msecs = beam.metrics.Metrics.distribution(METRICS, "embed_msecs")
+
+    def _load_preprocess(self):
+        transform, tokenizer = load_preprocess(self._config)
+        return pixel_plan(transform), tokenizer
 
     def process(self, row):
         self._in.inc()
@@ -327,6 +332,8 @@ class _Prepare(beam.DoFn):
             self._reused.inc()
             yield beam.pvalue.TaggedOutput(self.REUSED, row)
             return
+        if self._plan is None:
+            self._plan, self._tokenizer = self._preprocess.get()
         t0 = time.monotonic()
         image = row.get("image")
         if not image:

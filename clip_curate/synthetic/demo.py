@@ -109,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--clip-model", "synthetic-tiny", "--min-clip-score", str(threshold),
                 "--dedup", "exact,near,semantic", "--semantic-threshold", "0.99", "--decontaminate", eval_dir,
                 "--nsfw-policy", "drop", "--audit", "--progress-seconds", "5",
-                "--language-candidates", "en,de,fr,es"]
+                "--language-candidates", "en,de,fr,es",
+                # one local host: the per-host politeness limits of the open web only slow the demo down
+                "--per-host-rps", "0"]
         # synthetic-tiny's card (clip_curate/data/synthetic-tiny/clip_curate_card.json) leaves the CLIP concept
         # check and the audit's zero-shot attributes off: the opennsfw classifier and the word list judge safety
         if args.workers > 1:
