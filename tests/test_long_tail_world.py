@@ -140,3 +140,12 @@ def test_score_model_reports_group_accuracy(tmp_path):
 MICRO_CFG = {"embed_dim": 16,
              "vision_cfg": {"image_size": 64, "patch_size": 32, "width": 32, "layers": 1, "head_width": 16},
              "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def test_demo_long_tail_flag_checked_early(tmp_path):
+    from clip_curate.synthetic import demo
+
+    with pytest.raises(ConfigError, match="--long-tail: 0 .off. or a head/tail frequency ratio >= 1"):
+        demo.main(["--long-tail", "0.5", "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    assert demo.build_arg_parser().parse_args(["--long-tail", "100"]).long_tail == 100

@@ -32,6 +32,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs in --output")
     p.add_argument("--rows", type=int, default=600, help="URLs in the synthetic web")
     p.add_argument("--seed", type=int, default=2026, help="world seed (the model was trained on other seeds)")
+    p.add_argument("--long-tail", type=float, default=0.0, metavar="R",
+                   help="long-tailed world: colour-shape concepts follow a Zipf law, the head concept R times as "
+                        "frequent as the rarest (e.g. 100; default 0: uniform)")
     p.add_argument("--workers", type=int, default=2, help="DirectRunner worker processes")
     p.add_argument("--min-clip-score", type=float, default=None,
                    help="CLIP threshold (default: the recommended value for synthetic-tiny)")
@@ -84,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     if args.rows < 50:
         raise ConfigError("--rows must be >= 50")
+    if args.long_tail and args.long_tail < 1:
+        raise ConfigError(f"--long-tail: 0 (off) or a head/tail frequency ratio >= 1, got {args.long_tail:g}")
     from clip_curate.synthetic import world as world_mod
     from clip_curate.models.clip import recommended_threshold
     from clip_curate.stats import format_summary
@@ -97,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     claim_output(out, overwrite=args.overwrite, parts=OUTPUT_PARTS + (WORLD_DIR,), command="demo")
     world_dir = os.path.join(out, WORLD_DIR)  # the synthetic web's files, apart from the run's outputs
     os.makedirs(world_dir, exist_ok=True)
-    w = world_mod.generate_world(args.rows, args.seed, broken_404=0.03, broken_not_image=0.02)
+    w = world_mod.generate_world(args.rows, args.seed, broken_404=0.03, broken_not_image=0.02,
+                                 long_tail=args.long_tail)
     eval_dir = os.path.join(world_dir, "eval_images")
     w.write_eval_dir(eval_dir)
     threshold = args.min_clip_score if args.min_clip_score is not None else recommended_threshold("synthetic-tiny")
