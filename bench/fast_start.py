@@ -1,6 +1,7 @@
 """Start-up of ``clip-curate demo``: time to the first image downloaded, wall time, peak RSS per process.
 
-    python bench/fast_start.py                       # the demo's defaults: 600 rows, 2 DirectRunner workers
+    python bench/fast_start.py                       # the demo's defaults: 600 rows, one in-process worker
+    python bench/fast_start.py --workers 2           # two DirectRunner worker processes
     python bench/fast_start.py --repeat 3 --rows 600 --json /tmp/fast_start.json
     python bench/fast_start.py -- --workers 1        # extra `clip-curate demo` flags after --
 
@@ -187,7 +188,8 @@ def main(argv=None) -> int:
         argv, extra = argv[:i], argv[i + 1:]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=600, help="the demo's --rows")
-    ap.add_argument("--workers", type=int, default=2, help="the demo's --workers")
+    ap.add_argument("--workers", type=int, default=1, help="the demo's --workers (1: in-process; N > 1: N worker "
+                                                          "processes)")
     ap.add_argument("--repeat", type=int, default=1, help="runs (the table adds their median)")
     ap.add_argument("--keep", default=None, help="keep the demo's outputs in this directory")
     ap.add_argument("--json", default=None, help="write the results here")

@@ -35,7 +35,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-tail", type=float, default=0.0, metavar="R",
                    help="long-tailed world: colour-shape concepts follow a Zipf law, the head concept R times as "
                         "frequent as the rarest (e.g. 100; default 0: uniform)")
-    p.add_argument("--workers", type=int, default=2, help="DirectRunner worker processes")
+    p.add_argument("--workers", type=int, default=1,
+                   help="DirectRunner workers: 1 (default) runs in this process, the fastest start (the models "
+                        "are loaded once); N > 1 starts N worker processes")
     p.add_argument("--min-clip-score", type=float, default=None,
                    help="CLIP threshold (default: the recommended value for synthetic-tiny)")
     return p
