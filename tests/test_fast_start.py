@@ -217,3 +217,14 @@ def test_launcher_does_not_build_the_bundled_model(monkeypatch):
     monkeypatch.setattr(clip_mod, "load_clip", refuse)
     clip_mod._check_local_weights.cache_clear()
     validate_model_config(ModelConfig(clip_model="synthetic-tiny"))  # no model build, no exception
+
+
+def test_cpu_device_and_fp32_check_import_no_torch():
+    code = ("import sys\n"
+            "from clip_curate.models.clip import ModelConfig, resolve_device, validate_model_config\n"
+            "assert resolve_device('cpu') == 'cpu'\n"
+            "validate_model_config(ModelConfig(clip_model='synthetic-tiny', device='cpu'))\n"
+            "print('torch' in sys.modules, 'open_clip' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False"]

@@ -348,7 +348,9 @@ def recommended_threshold(name: str) -> float | None:
 
 def resolve_device(device: str, *, check: bool = True) -> str:
     """``auto`` -> ``cuda`` when visible else ``cpu``. ``cuda`` without a visible GPU raises
-    (never a silent CPU fallback) unless ``check`` is false."""
+    (never a silent CPU fallback) unless ``check`` is false. ``cpu`` imports no torch."""
+    if device == "cpu":
+        return device
     import torch
 
     if device == "auto":

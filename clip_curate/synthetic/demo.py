@@ -85,27 +85,56 @@ def score_against_truth(out_dir: str) -> dict:
     return report
 
 
+def _make_world(args):
+    from clip_curate.synthetic import world as world_mod
+
+    return world_mod.generate_world(args.rows, args.seed, broken_404=0.03, broken_not_image=0.02,
+                                    long_tail=args.long_tail)
+
+
+def _start_world(args):
+    """``(future of the synthetic world, pool)``: the world is generated in a forked process while this one
+    imports what the run needs (Beam, torch, open_clip: seconds of start-up that now overlap). Without fork
+    (not Linux/macOS), the future is already done and the pool is None."""
+    import concurrent.futures
+    import multiprocessing
+
+    try:
+        pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+        return pool.submit(_make_world, args), pool
+    except (ValueError, OSError):
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(_make_world(args))
+        return done, None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     if args.rows < 50:
         raise ConfigError("--rows must be >= 50")
     if args.long_tail and args.long_tail < 1:
         raise ConfigError(f"--long-tail: 0 (off) or a head/tail frequency ratio >= 1, got {args.long_tail:g}")
-    from clip_curate.synthetic import world as world_mod
-    from clip_curate.models.clip import recommended_threshold
-    from clip_curate.stats import format_summary
-    from clip_curate.run import run
+    future, pool = _start_world(args)  # before the imports below, which it overlaps
+    try:
+        from clip_curate.synthetic import world as world_mod
+        from clip_curate.models.clip import recommended_threshold
+        from clip_curate.stats import format_summary
+        from clip_curate.run import run
 
-    from clip_curate.preflight import probe_output
-    from clip_curate.writers import OUTPUT_PARTS, claim_output
+        from clip_curate.preflight import probe_output
+        from clip_curate.writers import OUTPUT_PARTS, claim_output
 
-    out = args.output or tempfile.mkdtemp(prefix="clip-curate-demo-")
-    probe_output(out, "--output")
-    claim_output(out, overwrite=args.overwrite, parts=OUTPUT_PARTS + (WORLD_DIR,), command="demo")
-    world_dir = os.path.join(out, WORLD_DIR)  # the synthetic web's files, apart from the run's outputs
-    os.makedirs(world_dir, exist_ok=True)
-    w = world_mod.generate_world(args.rows, args.seed, broken_404=0.03, broken_not_image=0.02,
-                                 long_tail=args.long_tail)
+        out = args.output or tempfile.mkdtemp(prefix="clip-curate-demo-")
+        probe_output(out, "--output")
+        claim_output(out, overwrite=args.overwrite, parts=OUTPUT_PARTS + (WORLD_DIR,), command="demo")
+        world_dir = os.path.join(out, WORLD_DIR)  # the synthetic web's files, apart from the run's outputs
+        os.makedirs(world_dir, exist_ok=True)
+        import open_clip  # noqa: F401 - the run's preprocessing identity needs it; imported while the world is made
+
+        w = future.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     eval_dir = os.path.join(world_dir, "eval_images")
     w.write_eval_dir(eval_dir)
     threshold = args.min_clip_score if args.min_clip_score is not None else recommended_threshold("synthetic-tiny")
