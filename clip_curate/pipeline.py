@@ -25,7 +25,7 @@ from clip_curate.resume import SkipExisting
 from clip_curate.schemas import curated_schema, rejected_schema
 from clip_curate.stages.base import StageContext, get, plan_stages, registered
 from clip_curate.stats import WriteStats
-from clip_curate.writers import WriteParquetTable, embedding_dim, join, shard_count
+from clip_curate.writers import WriteParquetTable, embedding_dim, join
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +156,15 @@ def build_pipeline(p: beam.Pipeline, cfg: CurateConfig, plan: InputPlan, shard_p
                     | "ProgressRejected" >> beam.ParDo(ProgressLog("rejected", every)))
     store = cfg.output.store_embeddings
     extra_fields = plan.extra_fields
-    n_cur = shard_count(plan.estimated_rows, cfg.output.shard_rows)
+    max_rows = cfg.output.shard_rows  # each bundle writes its own shards: no shuffle of the rows before writing
     # embeddings: fixed_size_list<float32>[d], d from the model's config; no model, no embedding columns
     dim = embedding_dim(cfg.model) if cfg.model is not None and store else None
     shapes = dict(store_embeddings=store, embed_dim=dim, embeddings=cfg.model is not None)
     codec = cfg.output.parquet_compression
-    rows | "WriteCurated" >> WriteParquetTable(join(out, "curated"), curated_schema(extra_fields, **shapes), n_cur,
-                                               shard_prefix, "curated_rows", codec)
+    rows | "WriteCurated" >> WriteParquetTable(join(out, "curated"), curated_schema(extra_fields, **shapes), 0,
+                                               shard_prefix, "curated_rows", codec, max_rows=max_rows)
     all_rejected | "WriteRejected" >> WriteParquetTable(join(out, "rejected"), rejected_schema(extra_fields, **shapes),
-                                                        n_cur, shard_prefix, "rejected_rows", codec)
+                                                        0, shard_prefix, "rejected_rows", codec, max_rows=max_rows)
     stats_extra: dict[str, Any] = {"stages": list(enabled), "input_format": plan.fmt}
     if identity is not None:
         stats_extra["embedding"] = identity

@@ -1,7 +1,9 @@
 """Write curated and rejected Parquet shards through Beam file sinks, and OUT/stats.json.
 
-Beam's ``WriteToParquet`` finalises files exactly once (temp files renamed at the end), so a retried
-bundle never duplicates rows. Shard count = estimated rows / ``--shard-rows``.
+Beam's file sinks finalise files exactly once (temp files renamed at the end), so a retried bundle never
+duplicates rows. Each bundle writes its own shards where its rows are made (no shuffle of the rows before
+writing), starting a new shard after ``--shard-rows`` rows; rows are turned into Arrow record batches 256 at
+a time and written as row groups of about 32 MB.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam.io import filebasedsink
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from clip_curate import records, schemas as schema
@@ -91,7 +95,8 @@ class OutputConfig:
     """Where and how outputs are written."""
 
     output: str | None = opt(None, "output directory (local or any Beam filesystem: gs://, s3://)")
-    shard_rows: int = opt(10_000, "target rows per output Parquet shard")
+    shard_rows: int = opt(10_000, "most rows per output Parquet shard (each worker bundle writes its own shards "
+                                  "where its rows are made, a new one after this many rows)")
     store_embeddings: bool = opt(True, "write image_embedding/text_embedding columns")
     overwrite: bool = opt(False, "replace the outputs of an earlier run in --output (curated/, rejected/, audit/, "
                                  "stats.json); without it (or --resume) a non-empty --output is refused")
@@ -155,25 +160,103 @@ class _Project(beam.DoFn):
         yield schema.project(row, self._schema)
 
 
-class WriteParquetTable(beam.PTransform):
-    """Project rows onto ``arrow_schema`` and write ``<directory>/<prefix>-SSSSS-of-NNNNN.parquet``."""
+#: Rows per Arrow record batch, and bytes of record batches per Parquet row group.
+BATCH_ROWS = 256
+ROW_GROUP_BYTES = 32 * 1024 * 1024
 
-    def __init__(self, directory: str, arrow_schema: pa.Schema, num_shards: int, prefix: str = "part",
-                 counter: str = "written_rows", compression: str = "zstd"):
+
+class _RowFile:
+    """One open shard: projected rows are buffered per column, made into a record batch every
+    :data:`BATCH_ROWS` rows, and written as a row group once ~:data:`ROW_GROUP_BYTES` are buffered."""
+
+    def __init__(self, file, arrow_schema: pa.Schema, codec: str):
+        import pyarrow.parquet as pq
+
+        self.file = file
+        self._schema = arrow_schema
+        self._names = arrow_schema.names
+        self._columns: list[list] = [[] for _ in self._names]
+        self._batches: list[pa.RecordBatch] = []
+        self._bytes = 0
+        self._writer = pq.ParquetWriter(file, arrow_schema, compression=codec, use_compliant_nested_type=False)
+
+    def add(self, row: dict) -> None:
+        for column, name in zip(self._columns, self._names):
+            column.append(row.get(name))
+        if len(self._columns[0]) >= BATCH_ROWS:
+            self._batch()
+
+    def _batch(self) -> None:
+        if self._columns[0]:
+            batch = pa.RecordBatch.from_arrays(
+                [pa.array(c, type=t) for c, t in zip(self._columns, self._schema.types)], schema=self._schema)
+            self._columns = [[] for _ in self._names]
+            self._batches.append(batch)
+            self._bytes += batch.nbytes
+        if self._bytes >= ROW_GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._batches:
+            self._writer.write_table(pa.Table.from_batches(self._batches, schema=self._schema))
+            self._batches, self._bytes = [], 0
+
+    def close(self) -> None:
+        self._batch()
+        self._flush()
+        self._writer.close()
+
+
+class _ParquetRowSink(filebasedsink.FileBasedSink):
+    """Row dicts (already projected) -> Parquet shards; a writer starts a new shard after ``max_rows``."""
+
+    def __init__(self, prefix: str, arrow_schema: pa.Schema, codec: str, num_shards: int, max_rows: int | None):
+        super().__init__(prefix, coder=None, file_name_suffix=".parquet", num_shards=num_shards,
+                         mime_type="application/x-parquet", compression_type=CompressionTypes.UNCOMPRESSED,
+                         max_records_per_shard=max_rows)
+        self._schema = arrow_schema
+        self._codec = codec
+
+    def open(self, temp_path: str) -> _RowFile:
+        return _RowFile(super().open(temp_path), self._schema, self._codec)
+
+    def write_record(self, handle: _RowFile, value: dict) -> None:
+        handle.add(value)
+
+    def write_encoded_record(self, handle, encoded_value):  # pragma: no cover - rows are never pre-encoded
+        raise NotImplementedError
+
+    def close(self, handle: _RowFile) -> None:
+        handle.close()
+        handle.file.close()
+
+    def display_data(self):
+        return {**super().display_data(), "codec": self._codec}
+
+
+class WriteParquetTable(beam.PTransform):
+    """Project rows onto ``arrow_schema`` and write ``<directory>/<prefix>-SSSSS-of-NNNNN.parquet``.
+
+    ``max_rows`` (default): each bundle writes its own shards where its rows are, a new shard after
+    ``max_rows`` rows, with no shuffle of the rows; the shard count follows the bundles. ``num_shards`` > 0
+    instead: exactly that many shards, the rows shuffled to them first."""
+
+    def __init__(self, directory: str, arrow_schema: pa.Schema, num_shards: int = 0, prefix: str = "part",
+                 counter: str = "written_rows", compression: str = "zstd", max_rows: int | None = None):
         super().__init__()
         self._codec = check_compression(compression)
         self._directory = directory
         self._schema = arrow_schema
         self._num_shards = num_shards
+        self._max_rows = None if num_shards else max_rows
         self._prefix = prefix
         self._counter = counter
 
     def expand(self, rows):
+        sink = _ParquetRowSink(join(self._directory, self._prefix), self._schema, self._codec, self._num_shards,
+                               self._max_rows)
         return (
             rows
             | "Project" >> beam.ParDo(_Project(self._schema, self._counter))
-            | "Write" >> beam.io.WriteToParquet(
-                join(self._directory, self._prefix), self._schema, num_shards=self._num_shards,
-                file_name_suffix=".parquet", codec=self._codec, record_batch_size=256,
-                row_group_buffer_size=32 * 1024 * 1024)
+            | "Write" >> beam.io.Write(sink)
         )

@@ -116,7 +116,8 @@ def test_prior_shards_without_hashes_get_them(tmp_path, photos):
     pq.write_table(table, path)
     expected = _stored_rows(photos, IMAGE_HASHES)[:2]
     got = list(prior_records(("curated", path), ("dedup",), hashes=IMAGE_HASHES))
-    assert [g["phash"] for g in got] == [int(e["phash"], 16) for e in expected]
+    for g, e in zip(got, expected):  # the stored JPEG's pHash: within a few bits of the array's (JPEG loss)
+        assert bin(g["phash"] ^ int(e["phash"], 16)).count("1") <= 4
     from clip_curate.stages.image import unpack_orb_keypoints
 
     for g, e in zip(got, expected):  # keypoints of the stored JPEG: the same frame, nearly the same points
@@ -154,3 +155,27 @@ def test_run_without_dedup_then_refilter_with_dedup(tmp_path, photos):
     assert dropped(tmp_path / "refiltered") == direct
     assert all(r["phash"] for r in pq.read_table(tmp_path / "direct" / "curated").to_pylist())
     assert os.path.isdir(tmp_path / "refiltered" / "curated")
+
+
+def test_parquet_writer_per_bundle_shards_hold_every_row_once(tmp_path):
+    """Rows are written where they are made (no shuffle): every row once, no shard over max_rows, row groups
+    of the declared schema; no rows still writes one empty shard."""
+    import apache_beam as beam
+
+    from clip_curate.writers import WriteParquetTable
+
+    schema = pa.schema([("uid", pa.string()), ("n", pa.int64()), ("image", pa.binary())])
+    rows = [{"uid": f"u{i}", "n": i, "image": bytes([i % 256]) * 100, "extra": "dropped"} for i in range(1000)]
+    with beam.Pipeline() as p:
+        (p | "Rows" >> beam.Create(rows) | beam.Reshuffle()
+         | "Write" >> WriteParquetTable(str(tmp_path / "out"), schema, 0, "part", "rows", "zstd", max_rows=300))
+        (p | "NoRows" >> beam.Create([]) | "WriteNone" >> WriteParquetTable(str(tmp_path / "empty"), schema,
+                                                                            max_rows=300))
+    files = sorted((tmp_path / "out").glob("part-*.parquet"))
+    tables = [pq.read_table(f) for f in files]
+    assert all(t.num_rows <= 300 for t in tables) and len(files) >= 4
+    assert all(t.schema.equals(schema) for t in tables)
+    got = sorted(r["n"] for t in tables for r in t.to_pylist())
+    assert got == list(range(1000))
+    empty = sorted((tmp_path / "empty").glob("part-*.parquet"))
+    assert len(empty) == 1 and pq.read_table(empty[0]).num_rows == 0

@@ -183,14 +183,23 @@ class RowFilter(beam.DoFn):
         self._out = beam.metrics.Metrics.counter(ns, f"{self.stage}_out")
         self._msecs = beam.metrics.Metrics.distribution(ns, f"{self.stage}_msecs")
         self._reasons = {r: beam.metrics.Metrics.counter(ns, f"{self.stage}_{r}") for r in records.REASONS[self.stage]}
+        self._carry_ms = 0.0
         self.load()
 
     def process(self, row, *side) -> Iterator[Any]:
         self._in.inc()
         t0 = time.perf_counter()
         verdict = self.judge(row, *side)
-        self._msecs.update(int((time.perf_counter() - t0) * 1000))
+        self.busy((time.perf_counter() - t0) * 1000)
         yield from self.emit(verdict)
+
+    def busy(self, msecs: float) -> None:
+        """Record one row's busy time in ``<stage>_msecs``. The distribution holds whole milliseconds; the
+        fractions are carried to the next row, so the sum stays exact for rows of a few milliseconds."""
+        self._carry_ms += msecs
+        whole = int(self._carry_ms)
+        self._carry_ms -= whole
+        self._msecs.update(whole)
 
     def emit(self, verdict: Verdict) -> Iterator[Any]:
         """Count and route one verdict (for subclasses that override ``process``, e.g. batched ones)."""

@@ -1,7 +1,10 @@
 """Download stage: many URLs at once inside each worker, politely and safely.
 
-    rows ─► Reshuffle (spread hosts over workers) ─► _DownloadFn ─► kept rows (+ ``image_bytes``)
-                                                                └─► rejected rows (stage ``download``)
+    rows ─► [Reshuffle (spread hosts over workers)] ─► _DownloadFn ─► kept rows (+ ``image_bytes``)
+                                                                  └─► rejected rows (stage ``download``)
+
+In a pipeline the rows come reshuffled from the reader, so the registered stage adds no Reshuffle of its own
+(``Download(cfg)`` alone does).
 
 Inside a worker, ``_DownloadFn.setup()`` starts an asyncio loop on a background thread with one
 aiohttp session. ``process()`` hands each row to that loop and yields rows that have finished, keeping
@@ -1086,5 +1089,7 @@ class Download(beam.PTransform):
         return out.kept, out[records.REJECTED_TAG]
 
 
-register(Stage("download", DownloadConfig, build=lambda cfg, ctx: Download(cfg), position=20,
+# In a pipeline the reader has already reshuffled the rows (readers.base.ReadUrlList): a second Reshuffle
+# would move every row through the shuffle again for nothing.
+register(Stage("download", DownloadConfig, build=lambda cfg, ctx: Download(cfg, reshuffle=False), position=20,
                provides=frozenset({RAW_IMAGE}), title="download"))
