@@ -1,8 +1,7 @@
 """Download + resize throughput: clip-curate vs img2dataset 1.47 on the same local web, in one run.
 
-Serves ``--images`` JPEG photos of 300–900 px (crops of scikit-image's real photos, quality 90) from a
-server in its own process on 127.0.0.1 (nginx when installed, else the project's asyncio web server), then
-runs, one after the other:
+Serves ``--images`` JPEG photos of 300–900 px (crops of scikit-image's real photos, quality 90) from nginx in
+its own process on 127.0.0.1, then runs, one after the other:
 
 - img2dataset: ``--processes_count 2 --thread_count 32 --image_size 256 --resize_mode keep_ratio
   --output_format parquet`` (``--number_sample_per_shard`` = images / 8, so both processes get shards);
@@ -13,8 +12,13 @@ For each: images written, wall time (process start to exit), images/s, and peak 
 tree sampled every 0.25 s from /proc: the sum of RSS (counts pages shared by forked workers once per process)
 and the sum of PSS (shared pages split between their users). Prints a markdown table and the ratios.
 
-    python bench/download_vs_img2dataset.py                 # 2000 images
-    python bench/download_vs_img2dataset.py --images 500 --server python
+nginx is required (Debian: ``apt-get install -y nginx-light``): a Python server on the same two cores is
+slower than either tool and would decide the figure. Without nginx the bench says how to install it and
+falls back to the project's asyncio web server, marking every figure as server-bound.
+
+    apt-get install -y nginx-light                          # once
+    python bench/download_vs_img2dataset.py --images 4000   # default 4000 images
+    python bench/download_vs_img2dataset.py --images 500 --server python   # server-bound, for a quick look
 """
 from __future__ import annotations
 
@@ -35,8 +39,13 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(1, ROOT)  # the checkout's clip_curate, also when the package is not installed
 from image_decode import real_photos  # noqa: E402  (same folder)
+
+NGINX_INSTALL = "apt-get install -y nginx-light"
 
 NGINX_CONF = """
 daemon off;
@@ -249,15 +258,15 @@ def run_img2dataset(url_file: str, out: str, args) -> tuple[int, float, int, int
 
 
 def run_clip_curate(url_file: str, out: str, args) -> tuple[int, float, int, int, dict]:
-    exe = shutil.which("clip-curate")
-    cmd = ([exe] if exe else [sys.executable, "-m", "clip_curate.cli"]) + [
+    cmd = [sys.executable, "-m", "clip_curate.cli"] + [
         "run", "--input", url_file, "--output", out, "--stages", "download,image",
         "--allow-private-addresses", "--no-respect-robots-txt",
         "--threads", str(args.threads), "--per-host-connections", str(args.threads), "--per-host-rps", "0",
         "--image-size", str(args.image_size), "--resize-mode", "keep_ratio", "--no-store-embeddings",
         "--progress-seconds", "0", "--log-level", "WARNING",
-        f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
-    wall, rss, pss, cpu = run_measured(cmd)
+        f"--direct_num_workers={args.workers}", f"--direct_running_mode={args.running_mode}"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    wall, rss, pss, cpu = run_measured(cmd, env)
     with open(os.path.join(out, "stats.json")) as f:
         stats = json.load(f)
     errors = {f"{stage}/{reason}": n for stage, by in stats.get("rejected_by", {}).items() for reason, n in by.items()}
@@ -266,23 +275,32 @@ def run_clip_curate(url_file: str, out: str, args) -> tuple[int, float, int, int
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--images", type=int, default=4000)
     p.add_argument("--unique", type=int, default=300, help="distinct photos (the rest repeat them)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=32)
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--server", choices=("auto", "nginx", "python"), default="auto")
+    p.add_argument("--server", choices=("nginx", "python"), default="nginx",
+                   help="nginx (default; falls back to python, marked server-bound, when nginx is missing)")
+    p.add_argument("--running-mode", choices=("multi_processing", "multi_threading"), default="multi_processing",
+                   help="clip-curate's DirectRunner mode: --workers processes (like img2dataset's), or threads "
+                        "of one process")
     p.add_argument("--only", choices=("both", "img2dataset", "clip-curate"), default="both")
     p.add_argument("--keep", action="store_true", help="keep the work folder (outputs, server logs)")
     p.add_argument("--startup-images", type=int, default=16,
                    help="also run each tool on this many images to measure its fixed start-up cost (0 = skip)")
     args = p.parse_args(argv)
 
+    load_start = os.getloadavg()[0]
     photos = real_photos(min(args.images, args.unique))
     bodies = {f"/img/{i}.jpg": photos[i % len(photos)] for i in range(args.images)}
     tmp = tempfile.mkdtemp(prefix="dl-bench-")
     os.chmod(tmp, 0o755)  # nginx workers may run as another user (www-data when started by root)
-    use_nginx = args.server == "nginx" or (args.server == "auto" and shutil.which("nginx"))
+    use_nginx = args.server == "nginx" and shutil.which("nginx") is not None
+    if args.server == "nginx" and not use_nginx:
+        print(f"nginx is not installed: install it with `{NGINX_INSTALL}` (Debian) and run again. Falling back "
+              "to the Python web server: the figures below are SERVER-BOUND (they measure the server, not the "
+              "tools).", file=sys.stderr)
     if use_nginx:
         root = os.path.join(tmp, "www")
         os.makedirs(os.path.join(root, "img"))
@@ -320,9 +338,11 @@ def main(argv=None) -> int:
 
     mb = sum(map(len, photos)) / len(photos) / 1e3
     print(f"\n{args.images} JPEGs (300–900 px, {len(photos)} distinct, mean {mb:.0f} kB) from "
-          f"{'nginx' if use_nginx else 'a Python server'} on 127.0.0.1 -> {args.image_size} px keep_ratio JPEG; "
-          f"{args.workers} processes x {args.threads} threads; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} at the end\n")
+          f"{'nginx' if use_nginx else 'a Python server (SERVER-BOUND: install nginx, ' + NGINX_INSTALL + ')'} "
+          f"on 127.0.0.1 -> {args.image_size} px keep_ratio JPEG; {args.workers} "
+          f"{'processes' if args.running_mode == 'multi_processing' else 'threads (clip-curate: one process)'} x "
+          f"{args.threads} threads; {os.cpu_count()} CPUs, load average {load_start:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end\n")
     print("| tool | images ok | wall s | images/s | CPU s | start-up wall s / CPU s | CPU ms per image after "
           f"start-up | images/s on {args.workers} idle cores (projected) | peak RSS (sum) MB | peak PSS (sum) MB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -345,6 +365,9 @@ def main(argv=None) -> int:
         print(f"\nclip-curate / img2dataset: {rate_b / max(rate_a, 1e-9):.2f}x images/s (wall, start-up included), "
               f"{proj_b / proj_a:.2f}x images/s after start-up (CPU-time projection), "
               f"{rss_b / max(rss_a, 1):.2f}x peak RSS, {pss_b / max(pss_a, 1):.2f}x peak PSS")
+    if not use_nginx:
+        print(f"SERVER-BOUND: the Python web server decided these figures; install nginx ({NGINX_INSTALL}) "
+              "for a comparison of the tools")
     return 0
 
 
