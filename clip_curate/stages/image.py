@@ -407,14 +407,17 @@ def resize(arr: np.ndarray, cfg: ImageConfig, original: tuple[int, int] | None =
 
 
 def encode_jpeg(arr: np.ndarray, quality: int) -> bytes:
-    """RGB uint8 array -> baseline JPEG bytes (libjpeg-turbo via simplejpeg, Pillow if missing)."""
+    """RGB uint8 array -> baseline JPEG bytes with 4:2:0 chroma subsampling, as img2dataset (OpenCV) and
+    Pillow write them (libjpeg-turbo via simplejpeg, Pillow if missing). 4:2:0 encodes in ~60 % of the time
+    of 4:4:4 and makes ~20 % smaller files at the same quality."""
     try:
         import simplejpeg
     except ImportError:
         buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, "JPEG", quality=quality)
+        Image.fromarray(arr).save(buf, "JPEG", quality=quality, subsampling="4:2:0")
         return buf.getvalue()
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(arr), quality=quality, colorspace="RGB")
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(arr), quality=quality, colorspace="RGB",
+                                  colorsubsampling="420")
 
 
 def phash_hex(arr: np.ndarray) -> str:
