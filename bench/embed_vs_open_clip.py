@@ -155,6 +155,9 @@ def main(argv=None) -> int:
     import torch
 
     logging.basicConfig(level=logging.WARNING)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("not measured: no GPU available (--device cuda)")
+        return 2
     from clip_curate.models.clip import ModelConfig, load_clip
 
     cfg = ModelConfig(clip_model=args.model, clip_pretrained=args.pretrained, device=args.device,
