@@ -19,7 +19,8 @@ Signals (all wall-clock ``time.time()``, one machine, one clock):
 * **world ready**: when the demo prints its ``synthetic web:`` line (world generated and served).
 * **wall**: until the child exits (the whole demo: run, summary, audit report).
 * **peak RSS**: ``VmHWM`` (the kernel's high-water mark) of every process of the child's tree, read from
-  ``/proc`` every 0.1 s; Beam's DirectRunner workers are the processes running ``sdk_worker_main``.
+  ``/proc`` every 0.1 s; Beam's DirectRunner workers are the processes running ``sdk_worker_main`` (a process
+  a worker forks has the same command line: it is counted apart, as a worker child, in the JSON).
 
 Prints a markdown table (one row per repeat, then the median) and the load average before and after.
 """
@@ -111,11 +112,21 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def role(pid: int, root: int, cmd: str) -> str:
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def role(pid: int, root: int, cmd: str, parent_cmd: str = "") -> str:
+    """launcher, worker (a DirectRunner worker process), worker-child (a process a worker forked: same command
+    line), other."""
     if pid == root:
         return "launcher"
     if "sdk_worker_main" in cmd and not cmd.startswith("/bin/sh"):
-        return "worker"
+        return "worker-child" if "sdk_worker_main" in parent_cmd and not parent_cmd.startswith("/bin/sh") else "worker"
     return "other"
 
 
@@ -126,6 +137,7 @@ def measure(rows: int, workers: int, extra: list[str], keep: str | None = None, 
     cmd = [sys.executable, os.path.abspath(__file__), "--child", result_path, "--",
            "--output", os.path.join(out, "demo"), "--overwrite", "--rows", str(rows), "--workers", str(workers)] + extra
     peaks: dict[int, tuple[str, int]] = {}
+    parents: dict[int, int] = {}
     done = threading.Event()
     lines: list[tuple[float, str]] = []
     t0 = time.time()
@@ -138,6 +150,7 @@ def measure(rows: int, workers: int, extra: list[str], keep: str | None = None, 
                 if hwm:
                     cmd_ = peaks.get(pid, ("", 0))[0] or _cmdline(pid)
                     peaks[pid] = (cmd_, max(hwm, peaks.get(pid, ("", 0))[1]))
+                    parents.setdefault(pid, _ppid(pid))
             done.wait(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -157,9 +170,10 @@ def measure(rows: int, workers: int, extra: list[str], keep: str | None = None, 
     with open(result_path) as f:
         res = json.load(f)
     world = next((t for t, text in lines if text.startswith("synthetic web:")), None)
+    roles = {pid: role(pid, proc.pid, c, peaks.get(parents.get(pid, 0), ("", 0))[0]) for pid, (c, _) in peaks.items()}
     by_role: dict[str, list[int]] = {}
     for pid, (cmdline, peak) in peaks.items():
-        by_role.setdefault(role(pid, proc.pid, cmdline), []).append(peak)
+        by_role.setdefault(roles[pid], []).append(peak)
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
     return {"wall_s": wall, "world_ready_s": world - t0 if world else None,
@@ -168,8 +182,9 @@ def measure(rows: int, workers: int, extra: list[str], keep: str | None = None, 
             "requests": res["requests"],
             "launcher_peak_rss": max(by_role.get("launcher", [0])),
             "worker_peak_rss": sorted(by_role.get("worker", []), reverse=True),
+            "worker_child_peak_rss": sorted(by_role.get("worker-child", []), reverse=True),
             "other_peak_rss": sorted(by_role.get("other", []), reverse=True),
-            "processes": [{"pid": pid, "role": role(pid, proc.pid, c), "cmd": c[:300], "peak_rss": peak}
+            "processes": [{"pid": pid, "ppid": parents.get(pid), "role": roles[pid], "cmd": c[:300], "peak_rss": peak}
                           for pid, (c, peak) in sorted(peaks.items())]}
 
 

@@ -137,10 +137,13 @@ def test_run_without_detection_or_model_imports_neither(tmp_path):
 
 
 def test_run_with_detection_but_no_clip_stage_loads_no_model(tmp_path):
-    res = _run_in_fresh_process(tmp_path, ["--stages", "caption", "--clip-model", "synthetic-tiny",
-                                           "--language-candidates", "en,de"])
+    res = _run_in_fresh_process(tmp_path, ["--stages", "caption,download,image", "--clip-model", "synthetic-tiny",
+                                           "--language-candidates", "en,de", "--allow-private-addresses",
+                                           "--retries", "0", "--no-respect-robots-txt"])
     assert res["imported"] == ["lingua"]  # the detector, and no CLIP model: no torch, no open_clip
-    assert res["stats"]["curated_rows"] + res["stats"]["rejected_rows"] == 5
+    st = res["stats"]
+    assert st["curated_rows"] + st["rejected_rows"] == 5
+    assert sum(st["rejected_by"].get("download", {}).values()) == 4  # port 9 refuses: the stage really ran
 
 
 # ---------------------------------------------------------------------------------------------
