@@ -149,3 +149,19 @@ def test_demo_long_tail_flag_checked_early(tmp_path):
         demo.main(["--long-tail", "0.5", "--output", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
     assert demo.build_arg_parser().parse_args(["--long-tail", "100"]).long_tail == 100
+
+
+def test_evaluate_groups_flag_errors_are_one_line(tmp_path):
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\n")
+    E.make_eval_set(str(tmp_path / "heldout"), 12, attributes=["concept"])
+    base = ["--raw", str(urls), "--curated", str(urls), "--eval-set", str(tmp_path / "heldout")]
+    with pytest.raises(ConfigError, match="--groups .*nope.json"):
+        E.main(base + ["--groups", str(tmp_path / "nope.json")])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="--groups .*bad.json"):
+        E.main(base + ["--groups", str(bad)])
+    bad.write_text(json.dumps(["red circle"]))
+    with pytest.raises(ConfigError, match='expected {"attribute"'):
+        E.main(base + ["--groups", str(bad)])

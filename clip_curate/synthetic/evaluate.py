@@ -417,7 +417,8 @@ def flat_metrics(run: dict[str, Any]) -> dict[str, float]:
     """``{"zero_shot_mean": .., "zero_shot/shape": .., "retrieval/i2t_r@1": ..}`` of one scored run."""
     out = {"zero_shot_mean": run["zero_shot_mean"]}
     out.update({f"zero_shot/{a}": v for a, v in run["zero_shot"].items()})
-    out.update({f"zero_shot/{a}@{g}": v for g, accs in run.get("zero_shot_groups", {}).items() for a, v in accs.items()})
+    out.update({f"zero_shot/{a}@{g}": v for g, accs in run.get("zero_shot_groups", {}).items()
+                for a, v in accs.items()})
     out.update({f"retrieval/{k}": v for k, v in run.get("retrieval", {}).items()})
     return out
 
