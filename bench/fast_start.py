@@ -148,9 +148,9 @@ def measure(rows: int, workers: int, extra: list[str], keep: str | None = None, 
             for pid in _tree(proc.pid):
                 hwm = _status_kb(pid, "VmHWM") * 1024
                 if hwm:
-                    cmd_ = peaks.get(pid, ("", 0))[0] or _cmdline(pid)
+                    cmd_ = _cmdline(pid) or peaks.get(pid, ("", 0))[0]  # re-read: a fork becomes its exec
                     peaks[pid] = (cmd_, max(hwm, peaks.get(pid, ("", 0))[1]))
-                    parents.setdefault(pid, _ppid(pid))
+                    parents[pid] = _ppid(pid) or parents.get(pid, 0)
             done.wait(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
