@@ -128,6 +128,10 @@ def bare_loop(stored: list[bytes], texts: list[str], n_safety: int, args) -> dic
                       precision=args.precision, batch_size=args.batch_size)
     embedder = ClipEmbedder(cfg)
     nsfw = NSFWModel(args.device, precision=args.precision)
+    if args.bare_image_stage_malloc:
+        from clip_curate.stages.image import return_large_buffers_to_os
+
+        return_large_buffers_to_os()
     plan = pixel_plan(embedder.loaded.preprocess)
     t0 = time.process_time()
     pixels = np.stack([prepare_image(b, plan) for b in stored])
@@ -171,6 +175,9 @@ def main(argv=None) -> int:
                     help="extra clip-curate run flag, e.g. --pipeline-arg=--direct_num_workers=2")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch threads on both sides (OMP_NUM_THREADS of the pipeline process)")
+    ap.add_argument("--bare-image-stage-malloc", action="store_true",
+                    help="run the bare loop under the image stage's glibc setting (mmap for allocations >= 1 MiB, "
+                         "process-wide), as the pipeline's worker process does")
     ap.add_argument("--keep", metavar="DIR", help="build the pool and outputs in DIR and keep them")
     args = ap.parse_args(argv)
 
