@@ -133,6 +133,10 @@ class NSFWModel:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if threads:
                 opts.intra_op_num_threads = threads
+            # onnxruntime's pool spins after each run by default, burning the cores the CLIP forward and the
+            # image stage share with it; idle threads sleep instead
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
             providers = ["CPUExecutionProvider"]
             if self.device.startswith("cuda"):
                 index = int(self.device.split(":")[1]) if ":" in self.device else 0
