@@ -38,7 +38,8 @@ def test_read_write_run_accounts_every_row(tmp_path, url_list):
     assert stats["timings"]["wall_seconds"] > 0
     curated = pq.read_table(out / "curated")
     rejected = pq.read_table(out / "rejected")
-    assert len(list((out / "curated").glob("part-*.parquet"))) == 4  # ceil(32 / 10)
+    shards = sorted((out / "curated").glob("part-*.parquet"))
+    assert len(shards) >= 3 and all(pq.read_metadata(p).num_rows <= 10 for p in shards)  # --shard-rows 10
     assert curated.num_rows == 30 and rejected.num_rows == 2
     # no model (--stages none): no embedding columns
     assert curated.schema.names == schema.curated_schema([pa.field("source", pa.string())], embeddings=False).names
