@@ -172,13 +172,24 @@ def add_beam_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
+#: Flags of earlier releases -> what replaced them (named in the error).
+RENAMED_FLAGS = {"language_low_accuracy": "--language-accuracy low"}
+
+
+def _renamed(flag: str) -> str:
+    new = RENAMED_FLAGS.get(flag.split("=", 1)[0].lstrip("-").replace("-", "_"))
+    return f"; it was replaced by {new}" if new else ""
+
+
 def validate_beam_args(beam_args: Sequence[str]) -> None:
     """Error on flags that neither clip-curate nor any Beam PipelineOptions class knows."""
     parser = add_beam_options(argparse.ArgumentParser(add_help=False, allow_abbrev=False))
     _, unknown = parser.parse_known_args(list(beam_args))
     flags = [u for u in unknown if u.startswith("-")]
     if flags:
-        raise ConfigError(f"unknown flag {flags[0]} (see clip-curate run --help; Beam options are passed through)")
+        renamed = _renamed(flags[0])
+        raise ConfigError(f"unknown flag {flags[0]}{renamed}" if renamed else
+                          f"unknown flag {flags[0]} (see clip-curate run --help; Beam options are passed through)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +263,7 @@ def load_yaml_config(path: str, classes: list[tuple[str, type]]) -> tuple[dict[s
         key = str(raw_key).lstrip("-").replace("-", "_")
         if key not in index:
             close = difflib.get_close_matches(key, list(index), n=1)
-            hint = f"; did you mean '{close[0].replace('_', '-')}'?" if close else ""
+            hint = _renamed(key) or (f"; did you mean '{close[0].replace('_', '-')}'?" if close else "")
             raise ConfigError(f"--config {path}: unknown key '{raw_key}'{hint}")
         values[key] = coerce_value(index[key], key, value)
     return values, beam_args

@@ -54,6 +54,7 @@ def test_read_write_run_accounts_every_row(tmp_path, url_list):
     (["--input", "{urls}", "--output", "o", "--url-col", "link"], "column 'link' not found"),
     (["--input", "{urls}"], "no output"),
     (["--input", "{urls}", "--output", "o", "--frobnicate"], "unknown flag --frobnicate"),
+    (["--input", "{urls}", "--output", "o", "--language-low-accuracy"], "replaced by --language-accuracy low"),
     (["--input", "{urls}", "--output", "o", "--shard-rows", "many"], "invalid int value"),
     (["--input", "{urls}", "--output", "o", "--stages", "download,teleport"], "unknown stage"),
     (["--input", "{urls}", "--output", "o", "--config", "missing.yaml"], "file not found"),
