@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_curate.fields import ConfigError
+from clip_curate.process_cache import ProcessCache
 from clip_curate.models import clip as clip_mod
 from clip_curate.models.clip import Deferred, ModelConfig, shared_clip, validate_model_config
 from clip_curate.stages import caption as caption_mod
@@ -57,7 +58,7 @@ def fake_lingua(monkeypatch):
 
     _FakeBuilder.calls = []
     monkeypatch.setattr(lingua, "LanguageDetectorBuilder", _FakeBuilder)
-    monkeypatch.setattr(caption_mod, "_DETECTORS", {})
+    monkeypatch.setattr(caption_mod, "_DETECTORS", ProcessCache())
     return _FakeBuilder.calls
 
 
@@ -158,7 +159,7 @@ def test_model_loaded_once_per_process_and_shared(monkeypatch):
         return real(cfg, device)
 
     monkeypatch.setattr(clip_mod, "load_clip", counting)
-    monkeypatch.setattr(clip_mod, "_SHARED", {})
+    monkeypatch.setattr(clip_mod, "_SHARED", ProcessCache())
     cfg = ModelConfig(clip_model="test-tiny-random", device="cpu")
     results = []
     threads = [threading.Thread(target=lambda: results.append(shared_clip(cfg))) for _ in range(4)]
@@ -185,7 +186,7 @@ def test_embed_handler_loads_in_the_background(monkeypatch):
         real_init(self, config)
 
     monkeypatch.setattr(ClipEmbedder, "__init__", slow_init)
-    monkeypatch.setattr(clip_mod, "_SHARED", {})
+    monkeypatch.setattr(clip_mod, "_SHARED", ProcessCache())
     handler = ClipModelHandler(ModelConfig(clip_model="test-tiny-random", device="cpu", batch_size=2))
     model = handler.load_model()          # returns at once: the worker's other steps need not wait
     assert isinstance(model, Deferred) and not model.ready()

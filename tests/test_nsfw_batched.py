@@ -7,6 +7,7 @@ the image file's bytes as they are.
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -157,3 +158,26 @@ def test_gpu_path_matches_reference(images, reference):
     pixels, _, _ = stack_pixels([images[n] for n in names])
     scores = model.scores(pixels)
     assert np.abs(scores - np.array([reference[n] for n in names])).max() <= 1e-3  # TF32 convolutions
+
+
+def test_one_classifier_per_process_shared_by_threads(monkeypatch):
+    from clip_curate.models import nsfw
+    from clip_curate.process_cache import ProcessCache
+
+    built = []
+    real = nsfw.NSFWModel
+
+    def counting(*a, **k):
+        built.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(nsfw, "NSFWModel", counting)
+    monkeypatch.setattr(nsfw, "_MODELS", ProcessCache())
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(nsfw.shared_model("cpu", "fp32"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1 and len(got) == 4 and all(m is got[0] for m in got)
+    assert nsfw.shared_model("cpu", "bf16") is not got[0] and len(built) == 2  # another key, another model

@@ -44,6 +44,7 @@ import apache_beam as beam
 import numpy as np
 
 from clip_curate.fields import ConfigError, opt
+from clip_curate.process_cache import ProcessCache
 
 log = logging.getLogger(__name__)
 
@@ -629,18 +630,14 @@ def load_clip(cfg: ModelConfig, device: str | None = None) -> LoadedClip:
 # ---------------------------------------------------------------------------------------------
 # One model per worker process, loaded in the background
 
-_SHARED: dict[tuple, LoadedClip] = {}
-_SHARED_LOCK = threading.Lock()
+_SHARED = ProcessCache()
 
 
 def shared_clip(cfg: ModelConfig, device: str | None = None) -> LoadedClip:
     """:func:`load_clip` once per process for each (model, weights, device, precision): the embedding stage,
     the safety concept prompts and the audit's zero-shot prompts of one worker share one model copy."""
     key = (cfg.clip_model, cfg.clip_pretrained, device or cfg.device, cfg.precision)
-    with _SHARED_LOCK:  # held while loading: a second caller waits for the first copy instead of making its own
-        if key not in _SHARED:
-            _SHARED[key] = load_clip(cfg, device)
-        return _SHARED[key]
+    return _SHARED.get(key, lambda: load_clip(cfg, device))
 
 
 class Deferred:

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from clip_curate.process_cache import ProcessCache
+
 RESIZE = 256
 CROP = 224
 OFFSET = (RESIZE - CROP) // 2
@@ -191,3 +193,12 @@ def stack_pixels(images: list[Any]) -> tuple[np.ndarray, list[int], list[str]]:
             continue
         index.append(i)
     return buf[:len(index)], index, errors
+
+
+_MODELS = ProcessCache()
+
+
+def shared_model(device: str = "cpu", precision: str = "fp32") -> NSFWModel:
+    """The process's classifier for ``(device, precision)``: every safety DoFn instance (thread) shares one
+    session or module instead of each building its own (memory, and one thread pool instead of many)."""
+    return _MODELS.get((device, precision), lambda: NSFWModel(device, precision=precision))

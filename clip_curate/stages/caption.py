@@ -23,12 +23,12 @@ accurate on captions under ~120 characters). With ``--no-detect-language`` lingu
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 from clip_curate import records
 from clip_curate.fields import ConfigError, opt
+from clip_curate.process_cache import ProcessCache
 from clip_curate.stages.base import RowFilter, RowStage, Stage, Verdict, register
 
 log = logging.getLogger(__name__)
@@ -140,17 +140,12 @@ def build_detector(cfg: CaptionConfig):
 
 #: One detector per worker process and key, shared by every caption DoFn instance (threads, bundles):
 #: lingua's models are large, and loading them once per instance multiplied both time and memory.
-_DETECTORS: dict[tuple, Any] = {}
-_DETECTORS_LOCK = threading.Lock()
+_DETECTORS = ProcessCache()
 
 
 def shared_detector(cfg: CaptionConfig):
     """The process's detector for ``cfg`` (built on first call; later calls with the same key share it)."""
-    key = detector_key(cfg)
-    with _DETECTORS_LOCK:
-        if key not in _DETECTORS:
-            _DETECTORS[key] = build_detector(cfg)
-        return _DETECTORS[key]
+    return _DETECTORS.get(detector_key(cfg), lambda: build_detector(cfg))
 
 
 def detect_language(caption: str, detector) -> str | None:

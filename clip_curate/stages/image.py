@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from clip_curate.fields import ConfigError, opt
+from clip_curate.process_cache import ProcessCache
 from clip_curate.stages.base import IMAGE, RAW_IMAGE, RowFilter, RowStage, Stage, Verdict, register
 
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border")
@@ -258,19 +259,13 @@ class PixelBudget:
             self.release(n)
 
 
-_BUDGETS: dict[tuple[int, int], PixelBudget] = {}
-_BUDGETS_LOCK = threading.Lock()
+_BUDGETS = ProcessCache()
 
 
 def pixel_budget(capacity: int) -> PixelBudget:
     """This process's shared :class:`PixelBudget` of ``capacity`` pixels (one per process and capacity: every
     image DoFn instance, whatever thread runs it, draws from the same one)."""
-    key = (os.getpid(), int(capacity))
-    with _BUDGETS_LOCK:
-        budget = _BUDGETS.get(key)
-        if budget is None:
-            budget = _BUDGETS[key] = PixelBudget(capacity)
-        return budget
+    return _BUDGETS.get((os.getpid(), int(capacity)), lambda: PixelBudget(capacity))
 
 
 _MALLOC_TUNED: list[bool] = []

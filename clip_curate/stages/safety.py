@@ -368,9 +368,9 @@ class _SafetyDoFn(RowFilter):
         self._forward_msecs = beam.metrics.Metrics.distribution(records.METRICS_NAMESPACE, f"{STAGE}_nsfw_forward_msecs")
         self._classifier = None
         if self._cfg.nsfw_classifier:
-            from clip_curate.models.nsfw import NSFWModel
+            from clip_curate.models.nsfw import shared_model
 
-            self._classifier = NSFWModel(self._device, precision=self._precision)
+            self._classifier = shared_model(self._device, self._precision)  # one per process
             log.info("safety: opennsfw classifier on %s (%s)", self._classifier.device, self._classifier.backend)
 
     def _nsfw_scores(self, batch: list[dict]) -> list[float | None]:
