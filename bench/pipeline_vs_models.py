@@ -12,7 +12,8 @@
    A second run on ``--startup-images`` rows measures the fixed cost (start-up, model loads, audit), so
    "steady" = (N - n) / (wall_N - wall_n).
 3. Bare loop, in this process, after loading: the same forward passes on the same images with the same
-   batch sizes and threads (``--threads``, default: all cores, on both sides): ``ClipEmbedder.embed`` (image + text towers, the stage's own forward) on every
+   batch sizes and threads (``--threads``, default: all cores, on both sides; ``--streams K``: K worker threads
+   of the pipeline against K threads of the bare loop, each forward on ``--threads``): ``ClipEmbedder.embed`` (image + text towers, the stage's own forward) on every
    image, and the opennsfw network (``NSFWModel.scores``) on as many images as reached the safety stage
    (``safety_in``: dedup drops rows before it). Inputs are prepared before the clock starts, so the bare
    figure is the models' throughput alone.
@@ -115,6 +116,22 @@ def run_pipeline(pool: str, out: str, args, extra: list[str]) -> dict:
     return stats
 
 
+def in_streams(work, starts: list[int], streams: int) -> None:
+    """``work(starts)`` for the batch starts, split over ``streams`` threads (batch k to thread k mod streams).
+    The traced CLIP towers and onnxruntime release the GIL, so streams run their forward passes side by side,
+    as the pipeline's worker threads do."""
+    if streams <= 1:
+        work(starts)
+        return
+    import threading
+
+    threads = [threading.Thread(target=work, args=(starts[k::streams],)) for k in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def bare_loop(stored: list[bytes], texts: list[str], n_safety: int, args) -> dict:
     """images/s of the models alone: CLIP image + text on every image, opennsfw on ``n_safety`` of them."""
     import torch
@@ -143,14 +160,20 @@ def bare_loop(stored: list[bytes], texts: list[str], n_safety: int, args) -> dic
     bs, nbs = args.batch_size, args.nsfw_batch_size
     embedder.embed(pixels[:bs], tokens[:bs])          # warm-up (allocator, kernels)
     nsfw.scores(nsfw_pixels[:nbs])
+    def clip_batches(starts):
+        for i in starts:
+            embedder.embed(pixels[i:i + bs], tokens[i:i + bs])
+
+    def nsfw_batches(starts):
+        for i in starts:
+            nsfw.scores(nsfw_pixels[i:i + nbs])
+
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    for i in range(0, len(pixels), bs):
-        embedder.embed(pixels[i:i + bs], tokens[i:i + bs])
+    in_streams(clip_batches, list(range(0, len(pixels), bs)), args.streams)
     t_clip = time.perf_counter() - t0
     t1 = time.perf_counter()
-    for i in range(0, len(nsfw_pixels), nbs):
-        nsfw.scores(nsfw_pixels[i:i + nbs])
+    in_streams(nsfw_batches, list(range(0, len(nsfw_pixels), nbs)), args.streams)
     t_nsfw = time.perf_counter() - t1
     cpu = time.process_time() - cpu0
     return {"images_per_s": len(stored) / (t_clip + t_nsfw), "clip_s": t_clip, "nsfw_s": t_nsfw,
@@ -175,6 +198,10 @@ def main(argv=None) -> int:
                     help="extra clip-curate run flag, e.g. --pipeline-arg=--direct_num_workers=2")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch threads on both sides (OMP_NUM_THREADS of the pipeline process)")
+    ap.add_argument("--streams", type=int, default=1,
+                    help="parallel streams on both sides: the bare loop splits its batches over this many threads, "
+                         "the pipeline runs this many DirectRunner worker threads (multi_threading); each stream's "
+                         "forward uses --threads torch threads")
     ap.add_argument("--bare-image-stage-malloc", action="store_true",
                     help="run the bare loop under the image stage's glibc setting (mmap for allocations >= 1 MiB, "
                          "process-wide), as the pipeline's worker process does")
@@ -200,8 +227,11 @@ def main(argv=None) -> int:
         pool, small = os.path.join(tmp, "pool"), os.path.join(tmp, "pool-small")
         write_pool(pool, raw, texts)
         write_pool(small, raw[:args.startup_images], texts[:args.startup_images])
-        fixed = run_pipeline(small, os.path.join(tmp, "out-small"), args, args.pipeline_arg)
-        full = run_pipeline(pool, os.path.join(tmp, "out"), args, args.pipeline_arg)
+        extra = list(args.pipeline_arg)
+        if args.streams > 1:
+            extra += [f"--direct_num_workers={args.streams}", "--direct_running_mode=multi_threading"]
+        fixed = run_pipeline(small, os.path.join(tmp, "out-small"), args, extra)
+        full = run_pipeline(pool, os.path.join(tmp, "out"), args, extra)
         counters = full.get("counters", {})
         n_safety = int(counters.get("safety_in", args.images))
         bare = bare_loop(stored, texts, n_safety, args)
@@ -215,7 +245,8 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()
     print(f"# model {args.model}@{args.pretrained} {args.precision} batch {args.batch_size} (opennsfw "
           f"{args.nsfw_batch_size}, {bare['nsfw_backend']}) on {bare['device']}: "
-          f"{platform.machine()} {os.cpu_count()} cores, {bare['torch_threads']} torch threads; "
+          f"{platform.machine()} {os.cpu_count()} cores, {args.streams} stream(s) x {bare['torch_threads']} torch "
+          f"threads; "
           f"load average {load0[0]:.2f} -> {load1[0]:.2f}")
     print(f"# rows reaching safety: {n_safety} of {n}; curated {full.get('curated_rows')}, "
           f"rejected {full.get('rejected_rows')} {json.dumps(full.get('rejected_by', {}))}")
