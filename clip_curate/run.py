@@ -77,7 +77,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
 def _run_pass(cfg, plan, options: PipelineOptions, test_pipeline: beam.Pipeline | None = None):
     """Build and run one pipeline over ``plan``; returns (result, counts of the output before it ran or
     None when not resuming)."""
-    p = test_pipeline or beam.Pipeline(options=options)
+    p = test_pipeline or beam.Pipeline(runner=_runner(options), options=options)
     prefix, done_uids, previous, prior = "part", None, None, ()
     if cfg.run.resume:
         state = prepare_resume(cfg.output.output)   # adopts a killed run's complete temp shards first
@@ -88,6 +88,27 @@ def _run_pass(cfg, plan, options: PipelineOptions, test_pipeline: beam.Pipeline 
     result = p.run()
     result.wait_until_finish()
     return result, previous
+
+
+def _runner(options: PipelineOptions):
+    """None (Beam picks from ``--runner``), or for the DirectRunner in ``multi_processing`` mode the
+    FnApiRunner it would pick, with workers forked from the main process (``fork_workers``)."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    runner = options.view_as(StandardOptions).runner
+    if (runner is not None and str(runner).split(".")[-1] != "DirectRunner") or \
+            options.view_as(DirectOptions).direct_running_mode != "multi_processing":
+        return None
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    from clip_curate.fork_workers import ForkingFnApiRunner
+
+    # as the DirectRunner builds it (direct_runner.py): the workers read the options from provision_info
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    return ForkingFnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
 
 
 def _is_direct(options: PipelineOptions) -> bool:

@@ -1,0 +1,222 @@
+"""DirectRunner worker processes forked from a copy of the main process instead of started afresh.
+
+With ``--direct_running_mode multi_processing`` Beam starts each worker as ``python -m
+apache_beam.runners.worker.sdk_worker_main``: a new interpreter that imports Apache Beam and the stages
+(~3–4 CPU s per worker before its first row, as much as curating ~1,000 images). The main process has
+already imported all of it. :class:`ForkServer` forks a *zygote* from the main process before the runner
+starts any gRPC server or thread; the worker command becomes a stdlib-only client
+(``_fork_client.py``, ~20 ms) that hands its environment (Beam's control and logging addresses, the
+pipeline options) to the zygote, which forks a worker that runs Beam's own ``sdk_worker_main.main``.
+The client exits with the worker's exit code, so Beam sees the same process contract.
+
+:class:`ForkingFnApiRunner` is Beam's FnApiRunner with that one change; it falls back to Beam's own
+command where forking is unsafe: no ``os.fork``, or when the main process has imported a library that
+starts native thread pools (torch, onnxruntime), which a forked child may inherit in a locked state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import shlex
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import traceback
+
+from apache_beam.options.pipeline_options import DirectOptions
+from apache_beam.portability import python_urns
+from apache_beam.portability.api import beam_runner_api_pb2
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+log = logging.getLogger(__name__)
+
+CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fork_client.py")
+#: Beam's worker command for multi_processing (fn_runner.py); the only one replaced.
+BEAM_WORKER_MODULE = "-m apache_beam.runners.worker.sdk_worker_main"
+#: Imported in the main process, these make forking unsafe (thread pools a child cannot use).
+FORK_UNSAFE_MODULES = ("torch", "onnxruntime", "tensorflow", "jax")
+
+
+def fork_unsafe_reason() -> str | None:
+    """Why workers cannot be forked from this process now, or None when they can."""
+    if not hasattr(os, "fork") or not hasattr(socket, "AF_UNIX"):
+        return "no os.fork / AF_UNIX on this platform"
+    loaded = [m for m in FORK_UNSAFE_MODULES if m in sys.modules]
+    if loaded:
+        return f"the main process has imported {', '.join(loaded)}"
+    return None
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _run_worker(env: dict[str, str]) -> int:
+    """In a forked child: Beam's SDK harness, as ``python -m ...sdk_worker_main`` would run it."""
+    from apache_beam.runners.worker import sdk_worker_main
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # the main process's console handlers: the harness logs to the runner
+        root.removeHandler(handler)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        sdk_worker_main.main([])
+        return 0
+    except BaseException:  # noqa: BLE001 - reported like an exec'd worker's crash, as an exit code
+        traceback.print_exc()
+        return 1
+
+
+def _serve(listener: socket.socket, alive_fd: int) -> None:
+    """The zygote's loop: fork a worker per request, report its exit code, stop when the parent goes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process; it closes ``alive_fd``
+    workers: dict[int, socket.socket] = {}       # worker pid -> the client connection waiting on it
+    parent_alive = True
+    while parent_alive or workers:
+        waiting = [c for c in workers.values()]
+        readable, _, _ = select.select([listener, alive_fd] + waiting if parent_alive else waiting, [], [], 0.2)
+        for r in readable:
+            if r is alive_fd:
+                parent_alive = False  # the run is over (or the main process died): end any leftover worker
+                for pid in workers:
+                    _kill(pid)
+            elif r is listener:
+                conn, _ = listener.accept()
+                head = _recv_exact(conn, 4)
+                body = head and _recv_exact(conn, struct.unpack(">I", head)[0])
+                if not body:
+                    conn.close()
+                    continue
+                env = json.loads(body)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:  # the worker
+                    code = 1
+                    try:
+                        listener.close()
+                        os.close(alive_fd)
+                        for c in list(workers.values()) + [conn]:
+                            c.close()
+                        signal.signal(signal.SIGINT, signal.default_int_handler)
+                        code = _run_worker(env)
+                    finally:
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                        os._exit(code)
+                workers[pid] = conn
+            else:  # a client closed its end before its worker ended: it was killed, so is the worker
+                if not r.recv(1):
+                    pid = next(p for p, c in workers.items() if c is r)
+                    _kill(pid)
+        while workers:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            conn = workers.pop(pid, None)
+            if conn is not None:
+                code = os.waitstatus_to_exitcode(status)
+                try:
+                    conn.sendall(struct.pack(">i", code if code >= 0 else 128 - code))
+                except OSError:
+                    pass
+                conn.close()
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class ForkServer:
+    """A zygote forked from this process; :attr:`command` starts a worker forked from it."""
+
+    def __init__(self):
+        self.command: str | None = None
+        self._dir = self._alive_w = self._pid = None
+
+    def __enter__(self) -> "ForkServer":
+        self._dir = tempfile.mkdtemp(prefix="clip-curate-fork-")
+        path = os.path.join(self._dir, "zygote.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(64)
+        alive_r, self._alive_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the zygote
+            code = 0
+            try:
+                os.close(self._alive_w)
+                _serve(listener, alive_r)
+            except BaseException:  # noqa: BLE001
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(alive_r)
+        listener.close()
+        self._pid = pid
+        self.command = " ".join(shlex.quote(a) for a in (sys.executable, "-I", "-S", CLIENT, path))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._alive_w is not None:
+            os.close(self._alive_w)  # the zygote ends its leftover workers and exits
+            self._alive_w = None
+        if self._pid:
+            os.waitpid(self._pid, 0)
+            self._pid = None
+        if self._dir:
+            for name in os.listdir(self._dir):
+                os.unlink(os.path.join(self._dir, name))
+            os.rmdir(self._dir)
+            self._dir = None
+
+
+def _replace_worker_command(proto: beam_runner_api_pb2.Pipeline, command: str) -> int:
+    """Point every environment that runs Beam's default worker command at ``command``; how many."""
+    n = 0
+    for env in proto.components.environments.values():
+        if env.urn == python_urns.SUBPROCESS_SDK and env.payload.decode().endswith(BEAM_WORKER_MODULE):
+            env.payload = command.encode()  # the payload is the command line itself (environments.py)
+            n += 1
+    return n
+
+
+class ForkingFnApiRunner(FnApiRunner):
+    """Beam's FnApiRunner whose ``multi_processing`` workers are forked from a zygote (see module doc)."""
+
+    def run_pipeline(self, pipeline, options):
+        mode = options.view_as(DirectOptions).direct_running_mode
+        reason = fork_unsafe_reason() if mode == "multi_processing" else "not multi_processing"
+        if reason is not None:
+            if mode == "multi_processing":
+                log.info("worker processes start afresh: %s", reason)
+            return super().run_pipeline(pipeline, options)
+        with ForkServer() as server:
+            self._fork_command = server.command
+            try:
+                return super().run_pipeline(pipeline, options)
+            finally:
+                self._fork_command = None
+
+    def run_via_runner_api(self, pipeline_proto, options):
+        command = getattr(self, "_fork_command", None)
+        if command:
+            _replace_worker_command(pipeline_proto, command)
+        return super().run_via_runner_api(pipeline_proto, options)
