@@ -3,11 +3,11 @@
 The world is ``bench/near_dup_real.py``'s (scikit-image photos; seeded re-encodes, resizes, crops up to 10 % per
 side, brightness +-15 %, rotations up to 3 degrees, and their combinations; halves of one large photo and regions
 of photos as different pictures). It runs through the real Beam stages: DecodeResize, then Dedup(exact, near).
-Pure-function tests cover the keypoint signature, the correspondence buckets and the geometric check.
+Pure-function tests cover the keypoint signature and the geometric check (keys, buckets and pair
+verification: ``tests/test_near_keys.py``).
 """
 import importlib.util
 import io
-import random
 import sys
 from pathlib import Path
 
@@ -20,7 +20,6 @@ from PIL import Image
 
 from clip_curate.stages.dedup import Dedup, DedupConfig
 from clip_curate.stages.dedup import near
-from clip_curate.stages.dedup.rule import PRIOR_SCORE
 from clip_curate.stages.image import (DecodeResize, ImageConfig, orb_keypoints, process_image,
                                       unpack_orb_keypoints)
 
@@ -193,47 +192,7 @@ def test_match_keypoints_rejects_big_rotation_scale_and_small_overlap():
     assert inliers == 15 and iou < 0.15 and not near.is_keypoint_copy(inliers, iou)
 
 
-def _member(uid, i, x, y, code, score=-0.5, prior=False):
-    return ((PRIOR_SCORE if prior else score, 0, uid), i, x, y, code, (1.0, 1.0))
-
-
-def test_bucket_correspondences_rank_prior_rows_and_order():
-    code = 0x1234_5678_9ABC_DEF0
-    members = [_member("best", 0, 0.1, 0.1, code, -0.9), _member("mid", 3, 0.2, 0.2, code ^ 0b111, -0.5),
-               _member("worst", 5, 0.3, 0.3, code ^ (0xFFFF << 20), -0.1),  # 16 bits apart: still a match
-               _member("mid", 4, 0.4, 0.4, code, -0.5),                       # the same row twice: no self pair
-               _member("far", 1, 0.5, 0.5, code ^ (0x1FFFF << 30), -0.05),    # 17 bits: too far
-               _member("old", 2, 0.6, 0.6, code, prior=True)]                  # an earlier run's row
-    got = list(near.bucket_correspondences(0, members))
-    pairs = {k for k, _ in got}
-    assert ("mid", "best") in pairs and ("worst", "mid") in pairs and ("best", "old") in pairs
-    assert all(x != y for x, y in pairs) and not any(x == "old" for x, _ in pairs)  # prior rows are final
-    assert not any("far" in k for k in pairs)
-    for _ in range(5):  # the input order does not matter
-        shuffled = members[:]
-        random.Random(_).shuffle(shuffled)
-        assert sorted(near.bucket_correspondences(0, shuffled)) == sorted(got)
-
-
-def test_big_buckets_split_and_candidates_are_bounded(monkeypatch):
-    monkeypatch.setattr(near, "LOCAL_MAX_BUCKET", 8)
-    split = []
-
-    class Counter:
-        def inc(self):
-            split.append(1)
-
-    base = 0xAAAA
-    # 30 rows share band 0; rows 0-14 also share band 1 (a true group), the others differ there
-    members = [_member(f"r{k:02d}", 0, 0.1, 0.1, base | ((0x1111 if k < 15 else 0x2000 + k) << 16), -1 + k / 100)
-               for k in range(30)]
-    got = list(near.bucket_correspondences(0, members, Counter()))
-    assert split  # the bucket was split by band 1
-    assert {x for (x, _), _ in got} == {f"r{k:02d}" for k in range(1, 15)}
-    per_row = {}
-    for (x, _), _ in got:
-        per_row[x] = per_row.get(x, 0) + 1
-    assert max(per_row.values()) <= near.LOCAL_CANDIDATES
+# Keys, buckets and pair verification: tests/test_near_keys.py
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ panorama, are different pictures).
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -182,10 +182,11 @@ class _NearKeys(beam.DoFn):
 # ---------------------------------------------------------------------------------------------
 # Keypoint path: crops and small rotations
 
-LOCAL_BANDS = 4            # 16-bit bands of a keypoint's 64-bit code; a keypoint is keyed under each
+LOCAL_BANDS = 4            # 16-bit bands of a keypoint's 64-bit code
+LOCAL_KEY_POINTS = 24      # the strongest keypoints (stored first) whose code bands are the row's keys
+LOCAL_MIN_SHARED_KEYS = 2  # a row pair is verified when its rows share at least this many keys
 LOCAL_CODE_HAMMING = 16    # codes within this many bits (of 64) make a correspondence
-LOCAL_CANDIDATES = 8       # per keypoint and bucket: correspondences to the closest better-ranked rows only
-LOCAL_MAX_BUCKET = 4096    # a bigger bucket is split by the next band (bounded work; counted)
+LOCAL_MAX_BUCKET = 512     # a bigger bucket is split by the keyed keypoint's next band (bounded work; counted)
 LOCAL_MAX_CORRESPONDENCES = 256  # per row pair (the closest codes are kept)
 LOCAL_HYPOTHESES_FROM = 48  # transforms are proposed by pairs among the closest correspondences
 LOCAL_MIN_INLIERS = 7      # keypoints on each side that one similarity transform maps onto each other
@@ -196,70 +197,112 @@ LOCAL_MIN_IOU = 0.4        # overlap / union of the two aligned frames
 _BAND_MASK = np.uint64(0xFFFF)
 
 
-def local_keys(codes: np.ndarray) -> Iterator[tuple[tuple[int, int], int]]:
-    """``((band, value), keypoint index)`` for every keypoint and band."""
-    codes = np.asarray(codes, dtype=np.uint64)
+def local_keys(codes: np.ndarray, points: int | None = None) -> list[int]:
+    """A row's keypoint keys, ascending: ``band << 16 | value`` for each of the :data:`LOCAL_BANDS` 16-bit bands
+    of the codes of its :data:`LOCAL_KEY_POINTS` strongest keypoints (distinct values only)."""
+    codes = np.asarray(codes, dtype=np.uint64)[:LOCAL_KEY_POINTS if points is None else points]
+    keys = [(codes >> np.uint64(16 * b)) & _BAND_MASK | np.uint64(b << 16) for b in range(LOCAL_BANDS)]
+    return np.unique(np.concatenate(keys)).tolist() if len(codes) else []
+
+
+class Signature:
+    """One row's keypoints unpacked from its ``orb_keypoints`` blob: ``frame``, ``xy``, ``codes`` and its
+    :func:`local_keys` (``keys``, a frozenset)."""
+
+    __slots__ = ("frame", "xy", "codes", "keys")
+
+    def __init__(self, frame, xy, codes):
+        self.frame, self.xy, self.codes = frame, xy, codes
+        self.keys = frozenset(local_keys(codes))
+
+    @classmethod
+    def of(cls, blob) -> "Signature | None":
+        sig = unpack_orb_keypoints(blob)
+        return None if sig is None else cls(*sig)
+
+
+def pair_correspondences(x: Signature, y: Signature) -> np.ndarray:
+    """Every keypoint pair of rows x and y whose codes agree exactly on one of the :data:`LOCAL_BANDS` 16-bit
+    bands and are within :data:`LOCAL_CODE_HAMMING` bits, as rows ``(code_distance, i, xi, yi, j, xj, yj)``
+    sorted as :func:`match_keypoints` sorts them (float64, k x 7). (Codes within 16 bits that share no band
+    are as common between unrelated pictures as between copies: they only add false inliers.)"""
+    diff = x.codes[:, None] ^ y.codes[None, :]
+    dist = np.bitwise_count(diff)
+    band = np.zeros(dist.shape, dtype=bool)
     for b in range(LOCAL_BANDS):
-        values = ((codes >> np.uint64(16 * b)) & _BAND_MASK).tolist()
-        for i, v in enumerate(values):
-            yield (b, v), i
+        band |= ((diff >> np.uint64(16 * b)) & _BAND_MASK) == 0
+    i, j = np.nonzero((dist <= LOCAL_CODE_HAMMING) & band)
+    d = dist[i, j]
+    order = np.lexsort((j, i, d))[:LOCAL_MAX_CORRESPONDENCES]
+    i, j, d = i[order], j[order], d[order]
+    return np.column_stack([d, i, x.xy[i, 0], x.xy[i, 1], j, y.xy[j, 0], y.xy[j, 1]]).astype(np.float64)
 
 
-def bucket_correspondences(band: int, members: Sequence[tuple], split_counter=None, depth: int = 0
-                           ) -> Iterator[tuple]:
-    """One keypoint bucket -> ``((worse_uid, better_uid), (worse_rank, better_rank, worse_frame,
-    better_frame, (code_distance, i, xi, yi, j, xj, yj)))`` for each keypoint i of a row and its closest
-    better-ranked keypoints j of other rows (codes within :data:`LOCAL_CODE_HAMMING`, at most
-    :data:`LOCAL_CANDIDATES`). Members are ``(rank, i, x, y, code, frame)``; rows of earlier runs are never
-    the worse row (they are final). A bucket over :data:`LOCAL_MAX_BUCKET` members is split by the next
-    band's value (its rows must then share two bands)."""
-    ms = sorted(members, key=lambda m: (m[0], m[1]))
-    if len(ms) < 2:
-        return
-    if len(ms) > LOCAL_MAX_BUCKET and depth < LOCAL_BANDS - 1:
+def verify_pair(x: Signature, y: Signature) -> tuple[int, float]:
+    """``(inliers, iou)`` of rows x (the worse) and y: :func:`match_keypoints` on :func:`pair_correspondences`."""
+    return _match(pair_correspondences(x, y), x.frame, y.frame, LOCAL_MIN_INLIERS)
+
+
+def bucket_pairs(key: int, members: Sequence[tuple], sigs: Sequence[Signature], split_counter=None
+                 ) -> list[tuple[int, int]]:
+    """The row pairs one keypoint bucket verifies, as ``(worse, better)`` indices into ``members`` (``(rank,
+    blob)``, sorted by rank; ``sigs``: their signatures): members of different rows that share at least
+    :data:`LOCAL_MIN_SHARED_KEYS` keys and whose smallest shared key is ``key`` (so a pair is verified in one
+    bucket only). Rows of earlier runs are never the worse row. A bucket over :data:`LOCAL_MAX_BUCKET` members
+    is split by the next band of the keyed keypoint's code (its rows must then share that band too; counted)."""
+    return sorted(_pairs(key, list(range(len(members))), members, sigs, split_counter, 0))
+
+
+def _pairs(key: int, idx: list[int], members, sigs, split_counter, depth: int) -> set[tuple[int, int]]:
+    if len(idx) < 2:
+        return set()
+    if len(idx) > LOCAL_MAX_BUCKET and depth < LOCAL_BANDS - 1:
         if split_counter is not None:
             split_counter.inc()
-        shift = np.uint64(16 * ((band + depth + 1) % LOCAL_BANDS))
-        subs: dict[int, list] = {}
-        for m in ms:
-            subs.setdefault(int((np.uint64(m[4]) >> shift) & _BAND_MASK), []).append(m)
+        band, value = key >> 16, key & 0xFFFF
+        shift = np.uint64(16 * band)
+        nxt = np.uint64(16 * ((band + depth + 1) % LOCAL_BANDS))
+        subs: dict[int, list[int]] = {}
+        for k in idx:
+            codes = sigs[k].codes[:LOCAL_KEY_POINTS]
+            hit = codes[((codes >> shift) & _BAND_MASK) == value]
+            for sub in sorted(set(((hit >> nxt) & _BAND_MASK).tolist())):
+                subs.setdefault(sub, []).append(k)
+        found: set[tuple[int, int]] = set()
         for sub in subs.values():
-            yield from bucket_correspondences(band, sub, split_counter, depth + 1)
-        return
-    uids = [m[0][2] for m in ms]
-    if len(ms) <= 32:  # most buckets: plain Python beats numpy's per-call overhead
-        for i in range(1, len(ms)):
-            x = ms[i]
-            if is_prior(x[0]):
-                continue
-            found = sorted((d, j) for j in range(i) if uids[j] != uids[i]
-                           for d in ((x[4] ^ ms[j][4]).bit_count(),) if d <= LOCAL_CODE_HAMMING)
-            for d, j in found[:LOCAL_CANDIDATES]:
-                y = ms[j]
-                yield (uids[i], uids[j]), (x[0], y[0], x[5], y[5], (d, x[1], x[2], x[3], y[1], y[2], y[3]))
-        return
-    codes = np.array([m[4] for m in ms], dtype=np.uint64)
-    index: dict[str, int] = {}
-    uid_ids = np.array([index.setdefault(u, len(index)) for u in uids])
-    n = len(ms)
-    block = 512
-    for i0 in range(1, n, block):
-        i1 = min(i0 + block, n)
-        dist = np.bitwise_count(codes[i0:i1, None] ^ codes[None, :i1]).astype(np.int16)
-        rows = np.arange(i0, i1)
-        ok = (np.arange(i1)[None, :] < rows[:, None]) & (dist <= LOCAL_CODE_HAMMING)
-        ok &= uid_ids[None, :i1] != uid_ids[rows, None]
-        for r in np.nonzero(ok.any(axis=1))[0]:
-            i = i0 + int(r)
-            x = ms[i]
-            if is_prior(x[0]):
-                continue
-            cand = np.nonzero(ok[r])[0]
-            cand = cand[np.lexsort((cand, dist[r, cand]))][:LOCAL_CANDIDATES]
-            for j in cand.tolist():
-                y = ms[j]
-                yield (uids[i], uids[j]), (x[0], y[0], x[5], y[5],
-                                           (int(dist[r, j]), x[1], x[2], x[3], y[1], y[2], y[3]))
+            found |= _pairs(key, sub, members, sigs, split_counter, depth + 1)
+        return found
+    rest = LOCAL_MIN_SHARED_KEYS - 1
+    lower = [frozenset(k for k in sigs[i].keys if k < key) for i in idx]
+    upper = [frozenset(k for k in sigs[i].keys if k > key) for i in idx]
+    out = set()
+    for a in range(1, len(idx)):
+        rank_x = members[idx[a]][0]
+        if is_prior(rank_x):
+            continue
+        for b in range(a):
+            if members[idx[b]][0][2] == rank_x[2] or not lower[a].isdisjoint(lower[b]):
+                continue  # the same row twice, or the pair's smallest shared key is another bucket's
+            if rest <= 0 or len(upper[a] & upper[b]) >= rest:
+                out.add((idx[a], idx[b]))
+    return out
+
+
+def verify_bucket(key: int, members: Iterable[tuple], split_counter=None) -> tuple[list[tuple[str, tuple]], int]:
+    """One keypoint bucket ``(rank, blob)`` members -> (``(worse_uid, ("duplicate_near", better_uid,
+    better_rank))`` for each of its :func:`bucket_pairs` that passes :func:`is_keypoint_copy`, the number of
+    pairs verified). Deterministic: the same members in any order give the same answer."""
+    ms = sorted(members, key=lambda m: m[0])
+    sigs = [Signature.of(m[1]) for m in ms]
+    keep = [k for k, s in enumerate(sigs) if s is not None]
+    if len(keep) < len(ms):
+        ms, sigs = [ms[k] for k in keep], [sigs[k] for k in keep]
+    pairs = bucket_pairs(key, ms, sigs, split_counter)
+    out = []
+    for x, y in pairs:
+        if is_keypoint_copy(*verify_pair(sigs[x], sigs[y])):
+            out.append((ms[x][0][2], ("duplicate_near", ms[y][0][2], ms[y][0])))
+    return out, len(pairs)
 
 
 def _similarities(p: np.ndarray, q: np.ndarray, ki: np.ndarray, kj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -318,9 +361,14 @@ def match_keypoints(corr: Iterable[tuple], frame_x: tuple[float, float], frame_y
     Pairs with fewer than ``min_inliers`` distinct keypoints on a side return ``(0, 0.0)`` at once.
     """
     corr = sorted(set(corr))[:LOCAL_MAX_CORRESPONDENCES]
-    if min(len({t[1] for t in corr}), len({t[4] for t in corr})) < min_inliers:
+    return _match(np.array(corr, dtype=np.float64).reshape(-1, 7), frame_x, frame_y, min_inliers)
+
+
+def _match(c: np.ndarray, frame_x: tuple[float, float], frame_y: tuple[float, float],
+           min_inliers: int) -> tuple[int, float]:
+    """:func:`match_keypoints` on correspondences already sorted and cut (a k x 7 array)."""
+    if min(len(np.unique(c[:, 1])), len(np.unique(c[:, 4]))) < min_inliers:
         return 0, 0.0  # too few distinct keypoints to ever reach the threshold: most pairs stop here
-    c = np.array(corr, dtype=np.float64)
     ki, kj = c[:, 1].astype(np.int64), c[:, 4].astype(np.int64)
     p, q = c[:, 2] + 1j * c[:, 3], c[:, 5] + 1j * c[:, 6]
     a, b = _similarities(p, q, ki, kj)
@@ -351,71 +399,41 @@ def is_keypoint_copy(inliers: int, iou: float) -> bool:
 
 
 class _LocalKeys(beam.DoFn):
+    """A row -> ``(key, (rank, blob))`` for each of its :func:`local_keys`: the record carries the whole
+    packed signature, so one grouping brings every candidate pair together with what verifies it."""
+
     def __init__(self):
         self._missing = beam.metrics.Metrics.counter(NS, "dedup_near_no_keypoints")
+        self._keys = beam.metrics.Metrics.distribution(NS, "dedup_near_keypoint_keys_per_row")
 
     def process(self, m):
-        sig = unpack_orb_keypoints(m.get("orb"))
+        blob = m.get("orb")
+        sig = unpack_orb_keypoints(blob)
         if sig is None:
             self._missing.inc()
             return
-        frame, xy, codes = sig
-        pts = xy.tolist()
-        codes_list = codes.tolist()
-        for key, i in local_keys(codes):
-            yield key, (m["rank"], i, pts[i][0], pts[i][1], codes_list[i], frame)
-
-
-class _LocalMatch(beam.DoFn):
-    """One bucket -> ``(x_uid, (x_frame, [(y_uid, y_rank, y_frame, correspondence), ...]))`` per worse row x
-    with correspondences in it: one element per row and bucket, whatever the number of partners."""
-
-    def __init__(self):
-        self._split = beam.metrics.Metrics.counter(NS, "dedup_near_keypoint_buckets_split")
-
-    def process(self, kv):
-        (band, _), members = kv
-        per_row: dict[str, tuple] = {}
-        for (x_uid, y_uid), (_, y_rank, x_frame, y_frame, corr) in bucket_correspondences(
-                band, list(members), self._split):
-            per_row.setdefault(x_uid, (x_frame, []))[1].append((y_uid, y_rank, y_frame, corr))
-        yield from per_row.items()
-
-
-def verify_row(x_uid: str, groups: Iterable[tuple]) -> Iterator[tuple[str, tuple]]:
-    """All of row x's correspondences (from every bucket) -> a ``(x_uid, ("duplicate_near", y_uid, y_rank))``
-    decision for each better-ranked row y that passes :func:`match_keypoints` (in uid order). Also yields
-    ``(None, pairs_checked)`` last, for the counter."""
-    by_row: dict[str, list] = {}
-    frame_x = None
-    for frame, items in groups:
-        frame_x = frame
-        for y_uid, y_rank, y_frame, corr in items:
-            by_row.setdefault(y_uid, [y_rank, y_frame, []])[2].append(corr)
-    checked = 0
-    for y_uid in sorted(by_row):
-        y_rank, y_frame, corr = by_row[y_uid]
-        if len(corr) < LOCAL_MIN_INLIERS:
-            continue
-        checked += 1
-        if is_keypoint_copy(*match_keypoints(corr, frame_x, y_frame, LOCAL_MIN_INLIERS)):
-            yield x_uid, ("duplicate_near", y_uid, y_rank)
-    yield None, checked
+        keys = local_keys(sig[2])
+        self._keys.update(len(keys))
+        member = (m["rank"], bytes(blob))
+        for key in keys:
+            yield key, member
 
 
 class _LocalVerify(beam.DoFn):
     def __init__(self):
         self._pairs = beam.metrics.Metrics.counter(NS, "dedup_near_keypoint_pairs")
         self._copies = beam.metrics.Metrics.counter(NS, "dedup_near_keypoint_copies")
+        self._split = beam.metrics.Metrics.counter(NS, "dedup_near_keypoint_buckets_split")
 
     def process(self, kv):
-        x_uid, groups = kv
-        for uid, decision in verify_row(x_uid, groups):
-            if uid is None:
-                self._pairs.inc(decision)
-            else:
-                self._copies.inc()
-                yield uid, decision
+        key, members = kv
+        members = list(members)
+        if len(members) < 2:
+            return
+        decisions, checked = verify_bucket(key, members, self._split)
+        self._pairs.inc(checked)
+        self._copies.inc(len(decisions))
+        yield from decisions
 
 
 def _decisions(inp: KindInputs):
@@ -427,8 +445,6 @@ def _decisions(inp: KindInputs):
     by_keypoints = (inp.members
                     | "KeypointKeys" >> beam.ParDo(_LocalKeys())
                     | "KeypointGroup" >> beam.GroupByKey()
-                    | "KeypointMatch" >> beam.ParDo(_LocalMatch())
-                    | "KeypointByRow" >> beam.GroupByKey()
                     | "KeypointVerify" >> beam.ParDo(_LocalVerify()))
     return (by_phash, by_keypoints) | "NearPaths" >> beam.Flatten()
 
