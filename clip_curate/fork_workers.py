@@ -78,7 +78,7 @@ def _run_worker(env: dict[str, str]) -> int:
         return 1
 
 
-def _serve(listener: socket.socket, alive_fd: int) -> None:
+def _serve(listener: socket.socket, alive_fd: int, target) -> None:
     """The zygote's loop: fork a worker per request, report its exit code, stop when the parent goes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process; it closes ``alive_fd``
     workers: dict[int, socket.socket] = {}       # worker pid -> the client connection waiting on it
@@ -110,7 +110,7 @@ def _serve(listener: socket.socket, alive_fd: int) -> None:
                         for c in list(workers.values()) + [conn]:
                             c.close()
                         signal.signal(signal.SIGINT, signal.default_int_handler)
-                        code = _run_worker(env)
+                        code = target(env)
                     finally:
                         sys.stdout.flush()
                         sys.stderr.flush()
@@ -142,9 +142,11 @@ def _kill(pid: int) -> None:
 
 
 class ForkServer:
-    """A zygote forked from this process; :attr:`command` starts a worker forked from it."""
+    """A zygote forked from this process; :attr:`command` starts a worker forked from it, which runs
+    ``target(env)`` (Beam's SDK harness by default) and exits with what it returns."""
 
-    def __init__(self):
+    def __init__(self, target=None):
+        self.target = target or _run_worker
         self.command: str | None = None
         self._dir = self._alive_w = self._pid = None
 
@@ -162,7 +164,7 @@ class ForkServer:
             code = 0
             try:
                 os.close(self._alive_w)
-                _serve(listener, alive_r)
+                _serve(listener, alive_r, self.target)
             except BaseException:  # noqa: BLE001
                 traceback.print_exc()
                 code = 1
@@ -209,6 +211,7 @@ class ForkingFnApiRunner(FnApiRunner):
                 log.info("worker processes start afresh: %s", reason)
             return super().run_pipeline(pipeline, options)
         with ForkServer() as server:
+            log.info("worker processes forked from the main process (%s)", server.command)
             self._fork_command = server.command
             try:
                 return super().run_pipeline(pipeline, options)
