@@ -1,4 +1,4 @@
-"""Near duplicates of real photos: precision and recall of exact + near dedup, and what the keypoint path costs.
+"""Near duplicates of real photos: precision and recall of exact + near dedup, and what the keypoint half costs.
 
 The world (:func:`build_world`, a pure function of the seed) holds scikit-image's real sample photos
 (colour and grey), each as an original plus seeded variants: re-encode (JPEG q50-95), resize (0.4-1x), crop
@@ -21,6 +21,7 @@ dedup has to catch, so no frame-level rule can keep them apart without missing c
     python bench/near_dup_real.py --cost          # CPU ms per image (pHash, keypoints), keys and pairs per row
     python bench/near_dup_real.py --scale 500 1000 2000 4000   # distinct crops: pairs per row, false-match margin
     python bench/near_dup_real.py --beam 2000     # the Dedup transform on the DirectRunner, with/without keypoints
+    python bench/near_dup_real.py --key-points 32 # another key budget (keys per row = 4 x key points)
 """
 from __future__ import annotations
 
@@ -203,14 +204,47 @@ def run_stages(world: list[Photo], workdir: str, orb_keypoints: int | None = Non
 # ---------------------------------------------------------------------------------------------
 # Cost
 
+def keypoint_dedup(rows: list[tuple[str, bytes]]) -> dict:
+    """The keypoint half's pure functions over ``rows`` (``(uid, orb_keypoints blob)``, equal scores) as the
+    Beam wiring runs them: keys per row, buckets, each bucket verified with one shared signature cache.
+    Returns keys and verified pairs per row, the pairs (``{(worse, better): (inliers, iou)}``, inliers counted
+    down to 3) and the CPU seconds."""
+    from clip_curate.stages.dedup import near
+
+    t0 = time.process_time()
+    buckets: dict = {}
+    n_keys = 0
+    for uid, blob in rows:
+        sig = near.Signature.of(blob)
+        if sig is None:
+            continue
+        n_keys += len(sig.keys)
+        member = ((0.0, 0, uid), blob)
+        for key in sig.keys:
+            buckets.setdefault(key, []).append(member)
+    cache: dict = {}
+    pairs: dict = {}
+    for key, members in buckets.items():
+        if len(members) < 2:
+            continue
+        ms = sorted(members, key=lambda m: m[0])
+        sigs = []
+        for m in ms:
+            if m[1] not in cache:
+                cache[m[1]] = near.Signature.of(m[1])
+            sigs.append(cache[m[1]])
+        for x, y in near.bucket_pairs(key, ms, sigs):
+            corr = near.pair_correspondences(sigs[x], sigs[y])
+            pairs[ms[x][0][2], ms[y][0][2]] = near._match(corr, sigs[x].frame, sigs[y].frame, 3)
+    return {"keys": n_keys, "pairs": pairs, "cpu_s": time.process_time() - t0}
+
+
 def cost(world: list[Photo], rounds: int = 3) -> dict:
-    """CPU ms per image of pHash and of the ORB keypoints on the stored image, and the keypoint path's keys
-    per row and compared row pairs per row (through the pure bucket functions)."""
+    """CPU ms per image of pHash and of the ORB keypoints on the stored image, and the keypoint half's keys
+    per row, verified row pairs per row and CPU per row (through its pure functions)."""
     import cv2
 
-    from clip_curate.stages.dedup.near import (LOCAL_MIN_INLIERS, bucket_correspondences, local_keys,
-                                               match_keypoints)
-    from clip_curate.stages.image import ImageConfig, orb_keypoints, phash_hex, process_image, unpack_orb_keypoints
+    from clip_curate.stages.image import ImageConfig, orb_keypoints, phash_hex, process_image
 
     cv2.setNumThreads(1)
     cfg = ImageConfig()
@@ -223,29 +257,14 @@ def cost(world: list[Photo], rounds: int = 3) -> dict:
             for arr in stored:
                 fn(arr)
         timings[name] = 1000 * (time.process_time() - t0) / (rounds * len(stored))
-    t0 = time.process_time()
-    buckets: dict = {}
-    sigs = [unpack_orb_keypoints(orb_keypoints(a)) for a in stored]
-    for p, sig in zip(world, sigs):
-        if sig is None:
-            continue
-        frame, xy, codes = sig
-        for key, i in local_keys(codes):
-            buckets.setdefault(key, []).append(((0.0, 0, p.uid), i, float(xy[i, 0]), float(xy[i, 1]),
-                                                int(codes[i]), frame))
-    pairs: dict = {}
-    for (band, _), members in buckets.items():
-        for key, value in bucket_correspondences(band, members):
-            pairs.setdefault(key, []).append(value)
-    for items in pairs.values():
-        match_keypoints([it[4] for it in items], items[0][2], items[0][3], LOCAL_MIN_INLIERS)
-    timings["keypoint_dedup_cpu_ms_per_row"] = 1000 * (time.process_time() - t0) / len(world)
-    keys = sum(len(m) for m in buckets.values())
+    blobs = [(p.uid, orb_keypoints(a)) for p, a in zip(world, stored)]
+    cpu = min(keypoint_dedup(blobs)["cpu_s"] for _ in range(rounds))
+    res = keypoint_dedup(blobs)
+    timings["keypoint_dedup_cpu_ms_per_row"] = 1000 * cpu / len(world)
     return {"rows": len(world), "cpu_ms_per_image": {k: round(v, 2) for k, v in timings.items()},
-            "keypoint_keys_per_row": round(keys / len(world), 1),
-            "correspondences_per_row": round(sum(len(v) for v in pairs.values()) / len(world), 1),
-            "row_pairs_verified_per_row": round(len(pairs) / len(world), 2),
-            "orb_keypoints_bytes_per_row": round(np.mean([len(orb_keypoints(a) or b"") for a in stored]))}
+            "keypoint_keys_per_row": round(res["keys"] / len(world), 1),
+            "row_pairs_verified_per_row": round(len(res["pairs"]) / len(world), 2),
+            "orb_keypoints_bytes_per_row": round(np.mean([len(b or b"") for _, b in blobs]))}
 
 
 def crops_world(n: int, seed: int = 0) -> list[tuple[str, np.ndarray, str, tuple]]:
@@ -280,42 +299,27 @@ def _iou(a: tuple, b: tuple) -> float:
 
 
 def scale(sizes: tuple[int, ...]) -> list[dict]:
-    """The keypoint path on growing sets of distinct crops: row pairs verified per row, CPU per row, and the
-    unrelated pairs that reach each inlier count (false-match margin)."""
-    from clip_curate.stages.dedup.near import (LOCAL_MIN_IOU, bucket_correspondences, local_keys,
-                                               match_keypoints)
-    from clip_curate.stages.image import orb_keypoints, unpack_orb_keypoints
+    """The keypoint half on growing sets of distinct crops: keys and verified row pairs per row, CPU per row,
+    and the unrelated pairs that reach each inlier count (false-match margin)."""
+    from clip_curate.stages.dedup.near import LOCAL_MIN_IOU
+    from clip_curate.stages.image import orb_keypoints
 
     world = crops_world(max(sizes))
-    sigs = [unpack_orb_keypoints(orb_keypoints(arr)) for _, arr, _, _ in world]
+    blobs = [(uid, orb_keypoints(arr)) for uid, arr, _, _ in world]
     results = []
     for n in sizes:
-        t0 = time.process_time()
-        buckets: dict = {}
-        for (uid, _, _, _), sig in zip(world[:n], sigs[:n]):
-            if sig is None:
-                continue
-            frame, xy, codes = sig
-            for key, i in local_keys(codes):
-                buckets.setdefault(key, []).append(((0.0, 0, uid), i, float(xy[i, 0]), float(xy[i, 1]),
-                                                    int(codes[i]), frame))
-        pairs: dict = {}
-        for (band, _), members in buckets.items():
-            for key, value in bucket_correspondences(band, members):
-                pairs.setdefault(key, []).append(value)
+        res = keypoint_dedup(blobs[:n])
         info = {u: (src, box) for u, _, src, box in world[:n]}
         reach = {k: 0 for k in range(3, 9)}  # the threshold is LOCAL_MIN_INLIERS
-        for (x, y), items in pairs.items():
-            inliers, iou = match_keypoints([it[4] for it in items], items[0][2], items[0][3], 3)
+        for (x, y), (inliers, iou) in res["pairs"].items():
             (sx, bx), (sy, by) = info[x], info[y]
             unrelated = sx != sy or _iou(bx, by) < 0.2
             if unrelated and iou >= LOCAL_MIN_IOU:
                 for k in reach:
                     reach[k] += inliers >= k
-        cpu = time.process_time() - t0
-        results.append({"rows": n, "row_pairs_verified_per_row": round(len(pairs) / n, 2),
-                        "correspondences_per_row": round(sum(len(v) for v in pairs.values()) / n, 1),
-                        "dedup_cpu_ms_per_row": round(1000 * cpu / n, 2),
+        results.append({"rows": n, "keys_per_row": round(res["keys"] / n, 1),
+                        "row_pairs_verified_per_row": round(len(res["pairs"]) / n, 2),
+                        "dedup_cpu_ms_per_row": round(1000 * res["cpu_s"] / n, 2),
                         "unrelated_pairs_with_iou_ok_reaching_inliers": reach})
     return results
 
@@ -356,7 +360,24 @@ def main(argv=None) -> int:
                    help="keypoint path on N distinct crops (e.g. 500 1000 2000 4000): pairs and false-match margin")
     p.add_argument("--beam", type=int, default=0, metavar="N",
                    help="wall time of the Dedup transform on the DirectRunner over N distinct crops")
+    p.add_argument("--key-points", type=int, default=None, metavar="T",
+                   help="keypoints whose code bands are a row's keys (default: near.LOCAL_KEY_POINTS)")
+    p.add_argument("--filter-points", type=int, default=None, metavar="T2",
+                   help="keypoints whose code bands a row pair must share --min-shared-keys of "
+                        "(default: near.LOCAL_FILTER_POINTS)")
+    p.add_argument("--min-shared-keys", type=int, default=None, metavar="S",
+                   help="keys a row pair must share to be verified (default: near.LOCAL_MIN_SHARED_KEYS)")
     args = p.parse_args(argv)
+    from clip_curate.stages.dedup import near
+
+    if args.key_points is not None:
+        near.LOCAL_KEY_POINTS = args.key_points
+    if args.filter_points is not None:
+        near.LOCAL_FILTER_POINTS = args.filter_points
+    if args.min_shared_keys is not None:
+        near.LOCAL_MIN_SHARED_KEYS = args.min_shared_keys
+    print(json.dumps({"key_points": near.LOCAL_KEY_POINTS, "filter_points": near.LOCAL_FILTER_POINTS,
+                      "min_shared_keys": near.LOCAL_MIN_SHARED_KEYS}))
     if args.cost:
         print(json.dumps(cost(build_world(0)), indent=1))
         return 0

@@ -184,7 +184,8 @@ class _NearKeys(beam.DoFn):
 
 LOCAL_BANDS = 4            # 16-bit bands of a keypoint's 64-bit code
 LOCAL_KEY_POINTS = 24      # the strongest keypoints (stored first) whose code bands are the row's keys
-LOCAL_MIN_SHARED_KEYS = 2  # a row pair is verified when its rows share at least this many keys
+LOCAL_FILTER_POINTS = 48   # a row pair is verified when the bands of its rows' this many strongest keypoints
+LOCAL_MIN_SHARED_KEYS = 2  # ... share at least this many values (the bucket's key is one)
 LOCAL_CODE_HAMMING = 16    # codes within this many bits (of 64) make a correspondence
 LOCAL_MAX_BUCKET = 512     # a bigger bucket is split by the keyed keypoint's next band (bounded work; counted)
 LOCAL_MAX_CORRESPONDENCES = 256  # per row pair (the closest codes are kept)
@@ -199,21 +200,27 @@ _BAND_MASK = np.uint64(0xFFFF)
 
 def local_keys(codes: np.ndarray, points: int | None = None) -> list[int]:
     """A row's keypoint keys, ascending: ``band << 16 | value`` for each of the :data:`LOCAL_BANDS` 16-bit bands
-    of the codes of its :data:`LOCAL_KEY_POINTS` strongest keypoints (distinct values only)."""
-    codes = np.asarray(codes, dtype=np.uint64)[:LOCAL_KEY_POINTS if points is None else points]
-    keys = [(codes >> np.uint64(16 * b)) & _BAND_MASK | np.uint64(b << 16) for b in range(LOCAL_BANDS)]
-    return np.unique(np.concatenate(keys)).tolist() if len(codes) else []
+    of the codes of its ``points`` (default :data:`LOCAL_KEY_POINTS`) strongest keypoints (distinct values)."""
+    return sorted(_key_set(codes, LOCAL_KEY_POINTS if points is None else points))
+
+
+def _key_set(codes: np.ndarray, points: int) -> set[int]:
+    top = np.asarray(codes, dtype=np.uint64)[:points].tolist()
+    return {(c >> (16 * b)) & 0xFFFF | b << 16 for b in range(LOCAL_BANDS) for c in top}
 
 
 class Signature:
-    """One row's keypoints unpacked from its ``orb_keypoints`` blob: ``frame``, ``xy``, ``codes`` and its
-    :func:`local_keys` (``keys``, a frozenset)."""
+    """One row's keypoints unpacked from its ``orb_keypoints`` blob: ``frame``, ``xy``, ``codes``, its
+    :func:`local_keys` (``keys``) and the same of its :data:`LOCAL_FILTER_POINTS` strongest keypoints
+    (``words``), as frozensets."""
 
-    __slots__ = ("frame", "xy", "codes", "keys")
+    __slots__ = ("frame", "xy", "codes", "keys", "words")
 
     def __init__(self, frame, xy, codes):
         self.frame, self.xy, self.codes = frame, xy, codes
-        self.keys = frozenset(local_keys(codes))
+        self.keys = frozenset(_key_set(codes, LOCAL_KEY_POINTS))
+        self.words = self.keys if LOCAL_FILTER_POINTS <= LOCAL_KEY_POINTS else \
+            frozenset(_key_set(codes, LOCAL_FILTER_POINTS))
 
     @classmethod
     def of(cls, blob) -> "Signature | None":
@@ -246,9 +253,9 @@ def verify_pair(x: Signature, y: Signature) -> tuple[int, float]:
 def bucket_pairs(key: int, members: Sequence[tuple], sigs: Sequence[Signature], split_counter=None
                  ) -> list[tuple[int, int]]:
     """The row pairs one keypoint bucket verifies, as ``(worse, better)`` indices into ``members`` (``(rank,
-    blob)``, sorted by rank; ``sigs``: their signatures): members of different rows that share at least
-    :data:`LOCAL_MIN_SHARED_KEYS` keys and whose smallest shared key is ``key`` (so a pair is verified in one
-    bucket only). Rows of earlier runs are never the worse row. A bucket over :data:`LOCAL_MAX_BUCKET` members
+    blob)``, sorted by rank; ``sigs``: their signatures): members of different rows whose smallest shared key
+    is ``key`` (so a pair is verified in one bucket only) and whose ``words`` share at least
+    :data:`LOCAL_MIN_SHARED_KEYS` values. Rows of earlier runs are never the worse row. A bucket over :data:`LOCAL_MAX_BUCKET` members
     is split by the next band of the keyed keypoint's code (its rows must then share that band too; counted)."""
     return sorted(_pairs(key, list(range(len(members))), members, sigs, split_counter, 0))
 
@@ -272,9 +279,8 @@ def _pairs(key: int, idx: list[int], members, sigs, split_counter, depth: int) -
         for sub in subs.values():
             found |= _pairs(key, sub, members, sigs, split_counter, depth + 1)
         return found
-    rest = LOCAL_MIN_SHARED_KEYS - 1
     lower = [frozenset(k for k in sigs[i].keys if k < key) for i in idx]
-    upper = [frozenset(k for k in sigs[i].keys if k > key) for i in idx]
+    words = [sigs[i].words for i in idx]
     out = set()
     for a in range(1, len(idx)):
         rank_x = members[idx[a]][0]
@@ -283,17 +289,26 @@ def _pairs(key: int, idx: list[int], members, sigs, split_counter, depth: int) -
         for b in range(a):
             if members[idx[b]][0][2] == rank_x[2] or not lower[a].isdisjoint(lower[b]):
                 continue  # the same row twice, or the pair's smallest shared key is another bucket's
-            if rest <= 0 or len(upper[a] & upper[b]) >= rest:
+            if len(words[a] & words[b]) >= LOCAL_MIN_SHARED_KEYS:
                 out.add((idx[a], idx[b]))
     return out
 
 
-def verify_bucket(key: int, members: Iterable[tuple], split_counter=None) -> tuple[list[tuple[str, tuple]], int]:
+def verify_bucket(key: int, members: Iterable[tuple], split_counter=None, cache: dict | None = None
+                  ) -> tuple[list[tuple[str, tuple]], int]:
     """One keypoint bucket ``(rank, blob)`` members -> (``(worse_uid, ("duplicate_near", better_uid,
     better_rank))`` for each of its :func:`bucket_pairs` that passes :func:`is_keypoint_copy`, the number of
-    pairs verified). Deterministic: the same members in any order give the same answer."""
+    pairs verified). Deterministic: the same members in any order give the same answer. ``cache``: blob ->
+    :class:`Signature`, kept by the caller across buckets (a row is a member of up to ~100 buckets)."""
     ms = sorted(members, key=lambda m: m[0])
-    sigs = [Signature.of(m[1]) for m in ms]
+    if cache is None:
+        cache = {}
+    sigs = []
+    for m in ms:
+        sig = cache.get(m[1], False)
+        if sig is False:
+            sig = cache[m[1]] = Signature.of(m[1])
+        sigs.append(sig)
     keep = [k for k, s in enumerate(sigs) if s is not None]
     if len(keep) < len(ms):
         ms, sigs = [ms[k] for k in keep], [sigs[k] for k in keep]
@@ -419,18 +434,24 @@ class _LocalKeys(beam.DoFn):
             yield key, member
 
 
+_CACHE_ROWS = 8192  # signatures a verifying worker keeps between buckets (~10 kB each)
+
+
 class _LocalVerify(beam.DoFn):
     def __init__(self):
         self._pairs = beam.metrics.Metrics.counter(NS, "dedup_near_keypoint_pairs")
         self._copies = beam.metrics.Metrics.counter(NS, "dedup_near_keypoint_copies")
         self._split = beam.metrics.Metrics.counter(NS, "dedup_near_keypoint_buckets_split")
+        self._cache: dict = {}
 
     def process(self, kv):
         key, members = kv
         members = list(members)
         if len(members) < 2:
             return
-        decisions, checked = verify_bucket(key, members, self._split)
+        if len(self._cache) > _CACHE_ROWS:
+            self._cache.clear()
+        decisions, checked = verify_bucket(key, members, self._split, self._cache)
         self._pairs.inc(checked)
         self._copies.inc(len(decisions))
         yield from decisions
