@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pyarrow as pa
@@ -157,3 +158,60 @@ def test_download_image_run_with_forked_worker_processes(tmp_path, jpeg):
     assert stats["rejected_by"] == {"download": {"http_404": 1}}
     curated = pq.read_table(tmp_path / "out" / "curated").to_pylist()
     assert len(curated) == 12 and all(min(r["width"], r["height"]) == 32 for r in curated)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the main process (and so every forked worker) imports; Beam's per-call option views
+
+def test_hide_ipython_only_where_it_is_not_loaded(monkeypatch):
+    from clip_curate.cli import hide_ipython
+
+    loaded = object()
+    monkeypatch.setitem(sys.modules, "IPython", loaded)   # called from a notebook: left alone
+    hide_ipython()
+    assert sys.modules["IPython"] is loaded
+    monkeypatch.delitem(sys.modules, "IPython")
+    hide_ipython()
+    assert sys.modules["IPython"] is None
+    with pytest.raises(ImportError):
+        import IPython  # noqa: F401
+    monkeypatch.delitem(sys.modules, "IPython")
+
+
+def test_download_image_run_loads_neither_ipython_nor_torch(tmp_path):
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": [f"http://127.0.0.1:9/{i}.jpg" for i in range(3)], "caption": ["a", "b", "c"]}),
+                   urls)
+    code = textwrap.dedent(f"""
+        import json, sys
+        from clip_curate.cli import main
+        code = main(["run", "--input", {str(urls)!r}, "--output", {str(tmp_path / "out")!r},
+                     "--stages", "download,image", "--allow-private-addresses", "--retries", "0",
+                     "--no-respect-robots-txt", "--log-level", "WARNING"])
+        heavy = [m for m in ("IPython", "torch", "open_clip", "onnxruntime") if sys.modules.get(m) is not None]
+        print("RESULT " + json.dumps({{"code": code, "loaded": sorted(set(heavy))}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    assert res == {"code": 0, "loaded": []}   # the in-process worker ran the stages without them
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["rejected_rows"] == 3 and list(stats["rejected_by"]) == ["download"]
+
+
+def test_option_views_are_kept_and_live():
+    import pickle
+
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, TypeOptions
+
+    from clip_curate.run import _ViewCachingOptions
+
+    options = _ViewCachingOptions(["--direct_num_workers=2"])
+    view = options.view_as(TypeOptions)
+    assert options.view_as(TypeOptions) is view                      # built once
+    view.allow_unsafe_triggers = True
+    assert PipelineOptions.view_as(options, TypeOptions).allow_unsafe_triggers  # a fresh view sees the change
+    assert options.view_as(DirectOptions).direct_num_workers == 2
+    assert options.get_all_options()["allow_unsafe_triggers"] is True
+    restored = pickle.loads(pickle.dumps(options))
+    assert "_cached_views" not in restored.__dict__ and restored.view_as(TypeOptions).allow_unsafe_triggers
