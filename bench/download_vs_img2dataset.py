@@ -8,7 +8,8 @@ its own process on 127.0.0.1, then runs, one after the other:
 - ``clip-curate run --stages download,image`` with the same size, mode, threads and worker count
   (``--direct_num_workers 2 --direct_running_mode multi_processing``), per-host politeness off (one host).
 
-For each: images written, wall time (process start to exit), images/s, and peak memory of the whole process
+For each: images written, wall time (process start to exit), images/s, the first download (seconds from the
+process start to the first request in nginx's access log), and peak memory of the whole process
 tree sampled every 0.25 s from /proc: the sum of RSS (counts pages shared by forked workers once per process)
 and the sum of PSS (shared pages split between their users). Prints a markdown table and the ratios.
 
@@ -54,7 +55,8 @@ pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    log_format first '$msec';
+    access_log {tmp}/access.log first buffer=64k flush=5s;
     sendfile on;
     tcp_nopush on;
     keepalive_requests 100000;
@@ -179,6 +181,25 @@ def cpu_seconds(pids: list[int]) -> dict[int, float]:
     return out
 
 
+#: (epoch start, epoch end) of every command run_measured ran, in order: the first request nginx logged inside a
+#: window is that run's first download
+RUN_WINDOWS: list[tuple[float, float]] = []
+
+
+def first_requests(access_log: str, windows: list[tuple[float, float]]) -> list[float | None]:
+    """Seconds from each window's start to the first request nginx logged in it (None: none logged)."""
+    try:
+        with open(access_log) as f:
+            stamps = sorted(float(line) for line in f if line.strip())
+    except OSError:
+        return [None] * len(windows)
+    out = []
+    for start, end in windows:
+        inside = [t for t in stamps if start <= t <= end]
+        out.append(inside[0] - start if inside else None)
+    return out
+
+
 def run_measured(cmd: list[str], env: dict | None = None, *, log_path: str | None = None, interval: float = 0.25,
                  on_sample: Callable[[float, int, int], None] | None = None) -> tuple[float, int, int, float]:
     """Run ``cmd``; (wall seconds, peak RSS sum, peak PSS sum, CPU seconds) of its process tree.
@@ -193,7 +214,7 @@ def run_measured(cmd: list[str], env: dict | None = None, *, log_path: str | Non
     cpu_by_pid: dict[int, float] = {}
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     log = open(log_path, "w") if log_path else None
-    t0 = time.monotonic()
+    t0, epoch0 = time.monotonic(), time.time()
     proc = subprocess.Popen(cmd, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.PIPE,
                             env=env)
     done = threading.Event()
@@ -219,6 +240,7 @@ def run_measured(cmd: list[str], env: dict | None = None, *, log_path: str | Non
         t.start()
     proc.wait()
     wall = time.monotonic() - t0
+    RUN_WINDOWS.append((epoch0, time.time()))
     done.set()
     for t in threads:
         t.join()
@@ -311,6 +333,7 @@ def main(argv=None) -> int:
     else:
         server = PythonServer(bodies)
     results = []
+    firsts: list = []
     try:
         with server:
             url_file = os.path.join(tmp, "urls.parquet")
@@ -322,14 +345,16 @@ def main(argv=None) -> int:
             for name, fn in tools:
                 if args.only not in ("both", name.split()[0]):
                     continue
+                window = len(RUN_WINDOWS)
                 ok, wall, rss, pss, cpu, errors = fn(url_file, os.path.join(tmp, f"{name.split()[0]}-out"), args)
                 startup = None
                 if args.startup_images:
                     ok0, wall0, _, _, cpu0, _ = fn(small_file, os.path.join(tmp, f"{name.split()[0]}-startup"), args)
                     startup = (ok0, wall0, cpu0)
-                results.append((name, ok, wall, rss, pss, cpu, startup))
+                results.append((name, ok, wall, rss, pss, cpu, startup, window))
                 if ok < args.images:
                     print(f"{name}: {args.images - ok} of {args.images} images failed: {errors}", file=sys.stderr)
+        firsts = first_requests(os.path.join(tmp, "access.log"), RUN_WINDOWS)  # nginx flushed its log on exit
     finally:
         if args.keep:
             print(f"work folder kept: {tmp}")
@@ -343,11 +368,13 @@ def main(argv=None) -> int:
           f"{'processes' if args.running_mode == 'multi_processing' else 'threads (clip-curate: one process)'} x "
           f"{args.threads} threads; {os.cpu_count()} CPUs, load average {load_start:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end\n")
-    print("| tool | images ok | wall s | images/s | CPU s | start-up wall s / CPU s | CPU ms per image after "
-          f"start-up | images/s on {args.workers} idle cores (projected) | peak RSS (sum) MB | peak PSS (sum) MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| tool | images ok | wall s | images/s | CPU s | first download s | start-up wall s / CPU s | CPU ms per "
+          f"image after start-up | images/s on {args.workers} idle cores (projected) | peak RSS (sum) MB | peak PSS "
+          "(sum) MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rates = []
-    for tool, ok, wall, rss, pss, cpu, startup in results:
+    for tool, ok, wall, rss, pss, cpu, startup, window in results:
+        first = firsts[window] if window < len(firsts) else None
         start_s = per_image = projected = "n/a"
         proj = float("nan")
         if startup:
@@ -358,7 +385,8 @@ def main(argv=None) -> int:
                 proj = args.workers * 1000 / ms
                 per_image, projected = f"{ms:.1f}", f"{proj:.0f}"
         rates.append((ok / wall, proj, rss, pss))
-        print(f"| {tool} | {ok} | {wall:.1f} | {ok / wall:.0f} | {cpu:.1f} | {start_s} | {per_image} | {projected} "
+        first_s = "n/a" if first is None else f"{first:.1f}"
+        print(f"| {tool} | {ok} | {wall:.1f} | {ok / wall:.0f} | {cpu:.1f} | {first_s} | {start_s} | {per_image} | {projected} "
               f"| {rss / 2**20:.0f} | {pss / 2**20:.0f} |")
     if len(rates) == 2:
         (rate_a, proj_a, rss_a, pss_a), (rate_b, proj_b, rss_b, pss_b) = rates
