@@ -9,12 +9,14 @@ starts any gRPC server or thread; the worker command becomes a stdlib-only clien
 pipeline options) to the zygote, which forks a worker that runs Beam's own ``sdk_worker_main.main``.
 The client exits with the worker's exit code, so Beam sees the same process contract.
 
-:class:`ForkingFnApiRunner` is Beam's FnApiRunner with that one change; it falls back to Beam's own
-command where forking is unsafe: no ``os.fork``, or when the main process has imported a library that
-starts native thread pools (torch, onnxruntime), which a forked child may inherit in a locked state.
+:class:`ForkingFnApiRunner` is Beam's FnApiRunner with that one change. :func:`fork_server_for` keeps one
+zygote for all passes of a run, and keeps Beam's own command where forking is unsafe: no ``os.fork``, a
+library that starts native thread pools (torch, onnxruntime) already imported, or gRPC's threads running
+(an earlier pipeline in the same process): a forked child may inherit their locks in a locked state.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +28,7 @@ import struct
 import sys
 import tempfile
 import traceback
+from typing import Iterator
 
 from apache_beam.options.pipeline_options import DirectOptions
 from apache_beam.portability import python_urns
@@ -39,6 +42,8 @@ CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fork_client.
 BEAM_WORKER_MODULE = "-m apache_beam.runners.worker.sdk_worker_main"
 #: Imported in the main process, these make forking unsafe (thread pools a child cannot use).
 FORK_UNSAFE_MODULES = ("torch", "onnxruntime", "tensorflow", "jax")
+#: Threads gRPC's core starts (and keeps after a server stops); a child forked beside them may hang in gRPC.
+GRPC_THREAD_PREFIXES = ("grpc_", "event_engine", "default-executo", "resolver-execu")
 
 
 def fork_unsafe_reason() -> str | None:
@@ -48,7 +53,26 @@ def fork_unsafe_reason() -> str | None:
     loaded = [m for m in FORK_UNSAFE_MODULES if m in sys.modules]
     if loaded:
         return f"the main process has imported {', '.join(loaded)}"
+    busy = sorted({name for name in _thread_names() if name.startswith(GRPC_THREAD_PREFIXES)})
+    if busy:
+        return f"gRPC is running in the main process (threads {', '.join(busy)})"
     return None
+
+
+def _thread_names() -> list[str]:
+    """Names of this process's OS threads (Linux: /proc/self/task/*/comm; elsewhere none known)."""
+    names = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return names
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return names
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
@@ -150,7 +174,17 @@ class ForkServer:
         self.command: str | None = None
         self._dir = self._alive_w = self._pid = None
 
+    @property
+    def started(self) -> bool:
+        return self._pid is not None
+
     def __enter__(self) -> "ForkServer":
+        return self.start()
+
+    def start(self) -> "ForkServer":
+        """Fork the zygote (once)."""
+        if self._pid is not None:
+            return self
         self._dir = tempfile.mkdtemp(prefix="clip-curate-fork-")
         path = os.path.join(self._dir, "zygote.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -177,6 +211,10 @@ class ForkServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the zygote (and any worker still running); a no-op when it never started."""
         if self._alive_w is not None:
             os.close(self._alive_w)  # the zygote ends its leftover workers and exits
             self._alive_w = None
@@ -201,25 +239,42 @@ def _replace_worker_command(proto: beam_runner_api_pb2.Pipeline, command: str) -
 
 
 class ForkingFnApiRunner(FnApiRunner):
-    """Beam's FnApiRunner whose ``multi_processing`` workers are forked from a zygote (see module doc)."""
+    """Beam's FnApiRunner whose workers are forked by ``server``, started when the first pipeline runs
+    (after it is built: what building imported, the workers have too), unless forking is unsafe then."""
+
+    def __init__(self, server: ForkServer, **kwargs):
+        super().__init__(**kwargs)
+        self._server = server
 
     def run_pipeline(self, pipeline, options):
-        mode = options.view_as(DirectOptions).direct_running_mode
-        reason = fork_unsafe_reason() if mode == "multi_processing" else "not multi_processing"
-        if reason is not None:
-            if mode == "multi_processing":
+        if not self._server.started:
+            reason = fork_unsafe_reason()
+            if reason is not None:
                 log.info("worker processes start afresh: %s", reason)
-            return super().run_pipeline(pipeline, options)
-        with ForkServer() as server:
-            log.info("worker processes forked from the main process (%s)", server.command)
-            self._fork_command = server.command
-            try:
                 return super().run_pipeline(pipeline, options)
-            finally:
-                self._fork_command = None
+            self._server.start()
+            log.info("worker processes forked from the main process (%s)", self._server.command)
+        return super().run_pipeline(pipeline, options)
 
     def run_via_runner_api(self, pipeline_proto, options):
-        command = getattr(self, "_fork_command", None)
-        if command:
-            _replace_worker_command(pipeline_proto, command)
+        if self._server.started:
+            _replace_worker_command(pipeline_proto, self._server.command)
         return super().run_via_runner_api(pipeline_proto, options)
+
+
+@contextlib.contextmanager
+def fork_server_for(options) -> Iterator[ForkServer | None]:
+    """A :class:`ForkServer` for the DirectRunner in ``multi_processing`` mode, ended with the context (it
+    serves every pass of a run), or None for other runners and modes."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = options.view_as(StandardOptions).runner
+    if (runner is not None and str(runner).split(".")[-1] != "DirectRunner") or \
+            options.view_as(DirectOptions).direct_running_mode != "multi_processing":
+        yield None
+        return
+    server = ForkServer()
+    try:
+        yield server
+    finally:
+        server.close()

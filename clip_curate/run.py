@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 from clip_curate import readers as _readers  # noqa: F401 - registers the built-in readers
 from clip_curate.audit.assemble import run_audit
 from clip_curate.config import check_environment, parse_run_args, plan_passes
+from clip_curate.fork_workers import ForkingFnApiRunner, ForkServer, fork_server_for
 from clip_curate.pipeline import build_pipeline
 from clip_curate.preflight import preflight
 from clip_curate.readers.base import plan_input
@@ -55,18 +56,19 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
         options.view_as(TypeOptions).allow_unsafe_triggers = True
     t0 = time.time()
     results = []
-    for k in range(passes):
-        pass_plan = plan
-        if passes > 1:
-            pass_plan = dataclasses.replace(plan, part=(k, passes),
-                                            estimated_rows=max(1, -(-plan.estimated_rows // passes)))
-            log.info("pass %d/%d: rows whose uid hash is %d mod %d (~%d rows)", k + 1, passes, k, passes,
-                     pass_plan.estimated_rows)
-        pass_cfg = cfg if passes == 1 else dataclasses.replace(
-            cfg, run=dataclasses.replace(cfg.run, audit=False, resume=cfg.run.resume or k > 0))
-        # stats.json counts the last job's rows; ``previous`` (its resume state) counts everything before it
-        result, previous = _run_pass(pass_cfg, pass_plan, options, test_pipeline)
-        results.append(result)
+    with fork_server_for(options if test_pipeline is None else PipelineOptions([])) as fork_server:
+        for k in range(passes):
+            pass_plan = plan
+            if passes > 1:
+                pass_plan = dataclasses.replace(plan, part=(k, passes),
+                                                estimated_rows=max(1, -(-plan.estimated_rows // passes)))
+                log.info("pass %d/%d: rows whose uid hash is %d mod %d (~%d rows)", k + 1, passes, k, passes,
+                         pass_plan.estimated_rows)
+            pass_cfg = cfg if passes == 1 else dataclasses.replace(
+                cfg, run=dataclasses.replace(cfg.run, audit=False, resume=cfg.run.resume or k > 0))
+            # stats.json counts the last job's rows; ``previous`` (its resume state) counts everything before it
+            result, previous = _run_pass(pass_cfg, pass_plan, options, test_pipeline, fork_server)
+            results.append(result)
     wall = time.time() - t0
     if passes > 1 and cfg.run.audit:
         run_audit(cfg.output.output, beam_args=beam_args, config=cfg.audit)
@@ -74,10 +76,11 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
                         retried=bool(cfg.reader.retry_from))
 
 
-def _run_pass(cfg, plan, options: PipelineOptions, test_pipeline: beam.Pipeline | None = None):
+def _run_pass(cfg, plan, options: PipelineOptions, test_pipeline: beam.Pipeline | None = None,
+              fork_server: ForkServer | None = None):
     """Build and run one pipeline over ``plan``; returns (result, counts of the output before it ran or
-    None when not resuming)."""
-    p = test_pipeline or beam.Pipeline(runner=_runner(options), options=options)
+    None when not resuming). ``fork_server``: the run's, where its workers are forked."""
+    p = test_pipeline or beam.Pipeline(runner=_runner(options, fork_server), options=options)
     prefix, done_uids, previous, prior = "part", None, None, ()
     if cfg.run.resume:
         state = prepare_resume(cfg.output.output)   # adopts a killed run's complete temp shards first
@@ -108,24 +111,18 @@ class _ViewCachingOptions(PipelineOptions):
         return state
 
 
-def _runner(options: PipelineOptions):
-    """None (Beam picks from ``--runner``), or for the DirectRunner in ``multi_processing`` mode the
-    FnApiRunner it would pick, with workers forked from the main process (``fork_workers``)."""
-    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
-
-    runner = options.view_as(StandardOptions).runner
-    if (runner is not None and str(runner).split(".")[-1] != "DirectRunner") or \
-            options.view_as(DirectOptions).direct_running_mode != "multi_processing":
+def _runner(options: PipelineOptions, fork_server: ForkServer | None):
+    """None (Beam picks from ``--runner``), or with a fork server the FnApiRunner the DirectRunner would
+    pick, its workers forked from the main process (``fork_workers``)."""
+    if fork_server is None:
         return None
     from apache_beam.portability.api import beam_provision_api_pb2
     from apache_beam.runners.portability.fn_api_runner import fn_runner
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
-    from clip_curate.fork_workers import ForkingFnApiRunner
-
     # as the DirectRunner builds it (direct_runner.py): the workers read the options from provision_info
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
-    return ForkingFnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+    return ForkingFnApiRunner(fork_server, provision_info=fn_runner.ExtendedProvisionInfo(
         beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
 
 

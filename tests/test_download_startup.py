@@ -120,18 +120,36 @@ def test_forking_refused_after_native_thread_pools_are_loaded(monkeypatch):
     assert "torch" in fork_unsafe_reason()
 
 
+def test_forking_refused_while_grpc_runs():
+    import grpc
+
+    channel = grpc.insecure_channel("localhost:1")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=0.2)
+    except grpc.FutureTimeoutError:
+        pass
+    try:
+        assert "gRPC" in (fork_unsafe_reason() or "")
+    finally:
+        channel.close()
+
+
 def test_runner_choice():
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from clip_curate.fork_workers import fork_server_for
     from clip_curate.run import _runner
 
-    assert isinstance(_runner(PipelineOptions(["--direct_running_mode=multi_processing"])),
-                      fork_workers.ForkingFnApiRunner)
-    assert isinstance(_runner(PipelineOptions(["--runner=DirectRunner", "--direct_running_mode=multi_processing"])),
-                      fork_workers.ForkingFnApiRunner)
-    assert _runner(PipelineOptions([])) is None                                    # in_memory: Beam's own
-    assert _runner(PipelineOptions(["--direct_running_mode=multi_threading"])) is None
-    assert _runner(PipelineOptions(["--runner=PortableRunner", "--direct_running_mode=multi_processing"])) is None
+    for flags in (["--direct_running_mode=multi_processing"],
+                  ["--runner=DirectRunner", "--direct_running_mode=multi_processing"]):
+        with fork_server_for(PipelineOptions(flags)) as server:
+            assert isinstance(server, ForkServer) and not server.started   # forked when the first pipeline runs
+            assert isinstance(_runner(PipelineOptions(flags), server), fork_workers.ForkingFnApiRunner)
+    for flags in ([], ["--direct_running_mode=multi_threading"],
+                  ["--runner=PortableRunner", "--direct_running_mode=multi_processing"]):
+        with fork_server_for(PipelineOptions(flags)) as server:
+            assert server is None                                           # Beam's own workers
+    assert _runner(PipelineOptions([]), None) is None
 
 
 @pytest.mark.slow
