@@ -178,7 +178,7 @@ def install_timers() -> None:
         _timed(owner, attr, "dedup: compact rows")
     _timed(dedup._Decide, "process", "dedup: decide (join)", materialise=True)
     _timed(exact, "_exact_keyed", "dedup: exact keys", materialise=True)
-    for cls in (near._NearKeys, near._LocalKeys, near._LocalMatch, near._LocalVerify):
+    for cls in (getattr(near, n, None) for n in ("_NearKeys", "_LocalKeys", "_LocalMatch", "_LocalVerify")):
         _timed(cls, "process", "dedup: near keys + keypoint matching", materialise=True)
     for mod in (exact, near):
         _timed(mod, "decide_bucket", "dedup: bucket decisions", materialise=True)
