@@ -19,7 +19,8 @@ Signals (all wall-clock ``time.time()``, one machine, one clock):
 * **world ready**: when the demo prints its ``synthetic web:`` line (world generated and served).
 * **wall**: until the child exits (the whole demo: run, summary, audit report).
 * **peak RSS**: ``VmHWM`` (the kernel's high-water mark) of every process of the child's tree, read from
-  ``/proc`` every 0.1 s; Beam's DirectRunner workers are the processes running ``sdk_worker_main`` (a process
+  ``/proc`` every 0.1 s; with the highest **PSS** (shared pages split among the processes mapping them) and
+  **USS** (private pages only) seen in ``/proc/PID/smaps_rollup`` at those samples; Beam's DirectRunner workers are the processes running ``sdk_worker_main`` (a process
   a worker forks has the same command line: it is counted apart, as a worker child, in the JSON).
 
 Prints a markdown table (one row per repeat, then the median) and the load average before and after.
@@ -104,6 +105,22 @@ def _status_kb(pid: int, key: str) -> int:
     return 0
 
 
+def _rollup_kb(pid: int) -> tuple[int, int]:
+    """(PSS, USS) now, in kB, from ``/proc/PID/smaps_rollup``: shared pages split among the processes that
+    map them (PSS), or left out (USS: private clean + private dirty)."""
+    pss = uss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+                elif line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    uss += int(line.split()[1])
+    except OSError:
+        pass
+    return pss, uss
+
+
 def _cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -137,6 +154,7 @@ def measure(rows: int, workers: int, extra: list[str], keep: str | None = None, 
     cmd = [sys.executable, os.path.abspath(__file__), "--child", result_path, "--",
            "--output", os.path.join(out, "demo"), "--overwrite", "--rows", str(rows), "--workers", str(workers)] + extra
     peaks: dict[int, tuple[str, int]] = {}
+    shared: dict[int, tuple[int, int]] = {}  # pid -> (peak PSS, peak USS), bytes
     parents: dict[int, int] = {}
     done = threading.Event()
     lines: list[tuple[float, str]] = []
@@ -151,6 +169,9 @@ def measure(rows: int, workers: int, extra: list[str], keep: str | None = None, 
                     cmd_ = _cmdline(pid) or peaks.get(pid, ("", 0))[0]  # re-read: a fork becomes its exec
                     peaks[pid] = (cmd_, max(hwm, peaks.get(pid, ("", 0))[1]))
                     parents[pid] = _ppid(pid) or parents.get(pid, 0)
+                    pss, uss = _rollup_kb(pid)
+                    old = shared.get(pid, (0, 0))
+                    shared[pid] = (max(old[0], pss * 1024), max(old[1], uss * 1024))
             done.wait(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -172,8 +193,10 @@ def measure(rows: int, workers: int, extra: list[str], keep: str | None = None, 
     world = next((t for t, text in lines if text.startswith("synthetic web:")), None)
     roles = {pid: role(pid, proc.pid, c, peaks.get(parents.get(pid, 0), ("", 0))[0]) for pid, (c, _) in peaks.items()}
     by_role: dict[str, list[int]] = {}
+    pss_role: dict[str, list[tuple[int, int]]] = {}
     for pid, (cmdline, peak) in peaks.items():
         by_role.setdefault(roles[pid], []).append(peak)
+        pss_role.setdefault(roles[pid], []).append((peak, *shared.get(pid, (0, 0))))
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
     return {"wall_s": wall, "world_ready_s": world - t0 if world else None,
@@ -182,6 +205,11 @@ def measure(rows: int, workers: int, extra: list[str], keep: str | None = None, 
             "requests": res["requests"],
             "launcher_peak_rss": max(by_role.get("launcher", [0])),
             "worker_peak_rss": sorted(by_role.get("worker", []), reverse=True),
+            # per worker, in the order of worker_peak_rss: peak PSS and peak USS (sampled, so at most the
+            # peak RSS's moment)
+            "worker_peak_pss": [p for _, p, _ in sorted(pss_role.get("worker", []), reverse=True)],
+            "worker_peak_uss": [u for _, _, u in sorted(pss_role.get("worker", []), reverse=True)],
+            "launcher_peak_pss_uss": max(pss_role.get("launcher", [(0, 0, 0)]))[1:],
             "worker_child_peak_rss": sorted(by_role.get("worker-child", []), reverse=True),
             "other_peak_rss": sorted(by_role.get("other", []), reverse=True),
             "processes": [{"pid": pid, "ppid": parents.get(pid), "role": roles[pid], "cmd": c[:300], "peak_rss": peak}
@@ -218,21 +246,24 @@ def main(argv=None) -> int:
     print(f"clip-curate demo --rows {args.rows} --workers {args.workers} {' '.join(extra)}".rstrip())
     print()
     print("| run | world ready s | first request s | first image downloaded s | wall s | launcher peak RSS MiB "
-          "| worker peak RSS MiB (each) |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+          "| worker peak RSS MiB (each) | worker peak PSS / USS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
 
     def row(name, r):
         workers = ", ".join(_mib(b) for b in r["worker_peak_rss"]) or "-"
+        shares = ", ".join(f"{_mib(p)} / {_mib(u)}" for p, u in zip(r.get("worker_peak_pss", []),
+                                                                   r.get("worker_peak_uss", []))) or "-"
         fmt = lambda v: f"{v:.1f}" if v is not None else "-"  # noqa: E731
         print(f"| {name} | {fmt(r['world_ready_s'])} | {fmt(r['first_request_s'])} | {fmt(r['first_image_s'])} | "
-              f"{r['wall_s']:.1f} | {_mib(r['launcher_peak_rss'])} | {workers} |")
+              f"{r['wall_s']:.1f} | {_mib(r['launcher_peak_rss'])} | {workers} | {shares} |")
 
     for i, r in enumerate(results):
         row(str(i + 1), r)
     if len(results) > 1:
         med = {k: statistics.median([r[k] for r in results]) for k in
                ("wall_s", "world_ready_s", "first_request_s", "first_image_s", "launcher_peak_rss")}
-        med["worker_peak_rss"] = [int(statistics.median(b)) for b in zip(*[r["worker_peak_rss"] for r in results])]
+        for key in ("worker_peak_rss", "worker_peak_pss", "worker_peak_uss"):
+            med[key] = [int(statistics.median(b)) for b in zip(*[r[key] for r in results])]
         row("median", med)
     if args.json:
         with open(args.json, "w") as f:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from clip_curate.fields import ConfigError
 from clip_curate.models.clip import ModelConfig
-from clip_curate.models.nsfw import MEAN_BGR, NSFWModel, UndecodableImage, nsfw_pixels, stack_pixels
+from clip_curate.models.nsfw import CPU_FORWARD_IMAGES, MEAN_BGR, NSFWModel, UndecodableImage, nsfw_pixels, stack_pixels
 from clip_curate.stages.image import ImageConfig, process_image
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "hubble_deep_field", "immunohistochemistry")
@@ -92,7 +92,8 @@ def test_batched_scores_match_per_image_reference(images, reference, cpu_model):
     finally:
         cpu_model._session = session
     assert errors == [] and index == list(range(len(names)))
-    assert calls == [len(names)]                    # one forward pass for the whole batch
+    step = CPU_FORWARD_IMAGES                       # one forward pass per CPU_FORWARD_IMAGES images
+    assert calls == [min(step, len(names) - i) for i in range(0, len(names), step)] and len(calls) > 1
     ref = np.array([reference[n] for n in names])
     assert np.abs(scores - ref).max() <= TOLERANCE, dict(zip(names, scores - ref))
     # the figures are real: photos score low, and not all alike

@@ -34,6 +34,7 @@ import logging
 import os
 import pickle
 import socket
+import sys
 import threading
 import urllib.parse
 from dataclasses import dataclass
@@ -170,9 +171,7 @@ def _find_weights_in_dir(d: Path) -> str | None:
 
 
 def _open_clip_models() -> list[str]:
-    import open_clip
-
-    return list(open_clip.list_models())
+    return list(import_open_clip().list_models())
 
 
 def _resolve(cfg: ModelConfig) -> _Spec:
@@ -349,9 +348,12 @@ def recommended_threshold(name: str) -> float | None:
 
 def resolve_device(device: str, *, check: bool = True) -> str:
     """``auto`` -> ``cuda`` when visible else ``cpu``. ``cuda`` without a visible GPU raises
-    (never a silent CPU fallback) unless ``check`` is false. ``cpu`` imports no torch."""
+    (never a silent CPU fallback) unless ``check`` is false. ``cpu`` imports no torch, and neither does ``auto``
+    on a Linux machine without GPU device files (torch's import alone costs a worker process about 450 MB)."""
     if device == "cpu":
         return device
+    if device == "auto" and "torch" not in sys.modules and not gpu_device_files():
+        return "cpu"
     import torch
 
     if device == "auto":
@@ -360,6 +362,38 @@ def resolve_device(device: str, *, check: bool = True) -> str:
         raise ConfigError("--device cuda: no CUDA device is visible to this process; use --device cpu or auto "
                           "(on Dataflow set --accelerator so workers get a GPU)")
     return device
+
+
+def gpu_device_files() -> bool:
+    """Whether a GPU may be visible: True unless on Linux with no NVIDIA (``/dev/nvidia*``) or AMD ROCm
+    (``/dev/kfd``) device files, or with ``CUDA_VISIBLE_DEVICES`` set to none. Without them
+    ``torch.cuda.is_available()`` is False, so ``auto`` can mean cpu without importing torch."""
+    if not sys.platform.startswith("linux"):
+        return True
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    try:
+        return any(n.startswith("nvidia") for n in os.listdir("/dev")) or os.path.exists("/dev/kfd")
+    except OSError:
+        return True
+
+
+def import_open_clip():
+    """``import open_clip``; on a machine without GPU device files (:func:`gpu_device_files`), with triton
+    hidden while it loads. open_clip imports torchvision and timm, which import torch's compiler stack, which
+    imports triton when installed (its library maps about 75 MB per process); triton compiles GPU kernels
+    only, and torch remembers it as missing, so nothing on a CPU-only machine loads it later."""
+    if "open_clip" in sys.modules:
+        return sys.modules["open_clip"]
+    hide = "triton" not in sys.modules and not gpu_device_files()
+    if hide:
+        sys.modules["triton"] = None  # type: ignore[assignment]  # ``import triton`` raises ImportError
+    try:
+        import open_clip
+    finally:
+        if hide and "triton" in sys.modules and sys.modules["triton"] is None:
+            del sys.modules["triton"]
+    return open_clip
 
 
 def effective_precision(cfg: ModelConfig, device: str) -> str:
@@ -581,7 +615,7 @@ def load_clip(cfg: ModelConfig, device: str | None = None) -> LoadedClip:
 
     Raises ConfigError for user mistakes (bad names, refused or mismatched checkpoints, cuda
     without a GPU)."""
-    import open_clip
+    open_clip = import_open_clip()
     import torch
 
     spec = _resolve(cfg)
@@ -704,7 +738,7 @@ def load_preprocess(cfg: ModelConfig) -> tuple[Callable, Callable]:
     :func:`load_clip` gives): for the CPU preprocessing step that runs before the forward pass."""
     from dataclasses import asdict
 
-    import open_clip
+    open_clip = import_open_clip()
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
     spec = _resolve(cfg)

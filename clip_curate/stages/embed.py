@@ -29,6 +29,7 @@ import numpy as np
 from clip_curate import records
 from clip_curate.models.clip import (Deferred, ModelConfig, autocast_context, embed_model_key, load_preprocess,
                                      open_clip_image_size, shared_clip, validate_model_config)
+from clip_curate.process_cache import trim_heap
 from clip_curate.stages.base import IMAGE, Stage, register
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,7 @@ class _ClipHandler:
     def _load_embedder(self) -> ClipEmbedder:
         t0 = time.monotonic()
         embedder = ClipEmbedder(self._config)
+        trim_heap()  # the checkpoint's tensors and the tracing's transient copies, back to the system
         log.info("embed: loaded %s on %s (%s) in %.1f s", embedder.loaded.model_id, embedder.device,
                  embedder.precision, time.monotonic() - t0)
         return embedder
