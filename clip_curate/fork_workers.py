@@ -108,7 +108,7 @@ def _serve(listener: socket.socket, alive_fd: int, target) -> None:
     workers: dict[int, socket.socket] = {}       # worker pid -> the client connection waiting on it
     parent_alive = True
     while parent_alive or workers:
-        waiting = [c for c in workers.values()]
+        waiting = list(workers.values())
         readable, _, _ = select.select([listener, alive_fd] + waiting if parent_alive else waiting, [], [], 0.2)
         for r in readable:
             if r is alive_fd:
@@ -145,7 +145,11 @@ def _serve(listener: socket.socket, alive_fd: int, target) -> None:
                     pid = next(p for p, c in workers.items() if c is r)
                     _kill(pid)
         while workers:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                workers.clear()
+                break
             if pid == 0:
                 break
             conn = workers.pop(pid, None)
