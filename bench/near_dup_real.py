@@ -235,9 +235,11 @@ def keypoint_dedup(rows: list[tuple[str, bytes]], min_inliers: int | None = None
                 cache[m[1]] = near.Signature.of(m[1])
             sigs.append(cache[m[1]])
         for x, y in near.bucket_pairs(key, ms, sigs):
-            corr = near.pair_correspondences(sigs[x], sigs[y])
-            pairs[ms[x][0][2], ms[y][0][2]] = near._match(corr, sigs[x].frame, sigs[y].frame,
-                                                          min_inliers or near.LOCAL_MIN_INLIERS)
+            if min_inliers is None:
+                pairs[ms[x][0][2], ms[y][0][2]] = near.verify_pair(sigs[x], sigs[y])
+            else:
+                corr = near.pair_correspondences(sigs[x], sigs[y])
+                pairs[ms[x][0][2], ms[y][0][2]] = near._match(corr, sigs[x].frame, sigs[y].frame, min_inliers)
     return {"keys": n_keys, "pairs": pairs, "cpu_s": time.process_time() - t0}
 
 

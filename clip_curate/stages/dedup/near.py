@@ -215,13 +215,25 @@ class Signature:
     :func:`local_keys` (``keys``) and the same of its :data:`LOCAL_FILTER_POINTS` strongest keypoints
     (``words``), as frozensets."""
 
-    __slots__ = ("frame", "xy", "codes", "keys", "words")
+    __slots__ = ("frame", "xy", "codes", "keys", "words", "_index")
 
     def __init__(self, frame, xy, codes):
         self.frame, self.xy, self.codes = frame, xy, codes
         self.keys = frozenset(_key_set(codes, LOCAL_KEY_POINTS))
         self.words = self.keys if LOCAL_FILTER_POINTS <= LOCAL_KEY_POINTS else \
             frozenset(_key_set(codes, LOCAL_FILTER_POINTS))
+        self._index = None
+
+    @property
+    def index(self) -> dict[int, list[int]]:
+        """``band << 16 | value`` of every keypoint -> the keypoints that have it (built on first use)."""
+        if self._index is None:
+            index: dict[int, list[int]] = {}
+            for b in range(LOCAL_BANDS):
+                for i, v in enumerate(((self.codes >> np.uint64(16 * b)) & _BAND_MASK).tolist()):
+                    index.setdefault(v | b << 16, []).append(i)
+            self._index = index
+        return self._index
 
     @classmethod
     def of(cls, blob) -> "Signature | None":
@@ -234,21 +246,31 @@ def pair_correspondences(x: Signature, y: Signature) -> np.ndarray:
     bands and are within :data:`LOCAL_CODE_HAMMING` bits, as rows ``(code_distance, i, xi, yi, j, xj, yj)``
     sorted as :func:`match_keypoints` sorts them (float64, k x 7). (The shared band keeps ~15 % of a
     copy's codes within 16 bits but ~3 % of an unrelated picture's: without it unrelated pairs reach 10
-    inliers.)"""
-    diff = x.codes[:, None] ^ y.codes[None, :]
-    dist = np.bitwise_count(diff)
-    band = np.zeros(dist.shape, dtype=bool)
-    for b in range(LOCAL_BANDS):
-        band |= ((diff >> np.uint64(16 * b)) & _BAND_MASK) == 0
-    i, j = np.nonzero((dist <= LOCAL_CODE_HAMMING) & band)
-    d = dist[i, j]
+    inliers.) Found through the band values the rows share, so only those keypoints' codes are compared."""
+    ix, iy = x.index, y.index
+    cand = {(i, j) for w in ix.keys() & iy.keys() for i in ix[w] for j in iy[w]}
+    if not cand:
+        return np.empty((0, 7))
+    cx, cy = x.codes, y.codes
+    ij = np.array(sorted(cand), dtype=np.int64)
+    d = np.bitwise_count(cx[ij[:, 0]] ^ cy[ij[:, 1]]).astype(np.int64)
+    ok = d <= LOCAL_CODE_HAMMING
+    i, j, d = ij[ok, 0], ij[ok, 1], d[ok]
     order = np.lexsort((j, i, d))[:LOCAL_MAX_CORRESPONDENCES]
     i, j, d = i[order], j[order], d[order]
     return np.column_stack([d, i, x.xy[i, 0], x.xy[i, 1], j, y.xy[j, 0], y.xy[j, 1]]).astype(np.float64)
 
 
 def verify_pair(x: Signature, y: Signature) -> tuple[int, float]:
-    """``(inliers, iou)`` of rows x (the worse) and y: :func:`match_keypoints` on :func:`pair_correspondences`."""
+    """``(inliers, iou)`` of rows x (the worse) and y: :func:`match_keypoints` on :func:`pair_correspondences`.
+
+    Most pairs stop at a bound first: a keypoint in a correspondence has a band value the other row also has,
+    so when fewer than :data:`LOCAL_MIN_INLIERS` keypoints of a side can have one, the answer is ``(0, 0.0)``
+    without comparing codes (the same answer :func:`match_keypoints` gives them)."""
+    ix, iy = x.index, y.index
+    shared = ix.keys() & iy.keys()
+    if sum(len(ix[k]) for k in shared) < LOCAL_MIN_INLIERS or sum(len(iy[k]) for k in shared) < LOCAL_MIN_INLIERS:
+        return 0, 0.0
     return _match(pair_correspondences(x, y), x.frame, y.frame, LOCAL_MIN_INLIERS)
 
 
@@ -281,17 +303,17 @@ def _pairs(key: int, idx: list[int], members, sigs, split_counter, depth: int) -
         for sub in subs.values():
             found |= _pairs(key, sub, members, sigs, split_counter, depth + 1)
         return found
-    lower = [frozenset(k for k in sigs[i].keys if k < key) for i in idx]
-    words = [sigs[i].words for i in idx]
     out = set()
     for a in range(1, len(idx)):
         rank_x = members[idx[a]][0]
         if is_prior(rank_x):
             continue
+        sx = sigs[idx[a]]
         for b in range(a):
-            if members[idx[b]][0][2] == rank_x[2] or not lower[a].isdisjoint(lower[b]):
+            sy = sigs[idx[b]]
+            if members[idx[b]][0][2] == rank_x[2] or min(sx.keys & sy.keys, default=-1) != key:
                 continue  # the same row twice, or the pair's smallest shared key is another bucket's
-            if len(words[a] & words[b]) >= LOCAL_MIN_SHARED_KEYS:
+            if len(sx.words & sy.words) >= LOCAL_MIN_SHARED_KEYS:
                 out.add((idx[a], idx[b]))
     return out
 
@@ -384,7 +406,7 @@ def match_keypoints(corr: Iterable[tuple], frame_x: tuple[float, float], frame_y
 def _match(c: np.ndarray, frame_x: tuple[float, float], frame_y: tuple[float, float],
            min_inliers: int) -> tuple[int, float]:
     """:func:`match_keypoints` on correspondences already sorted and cut (a k x 7 array)."""
-    if min(len(np.unique(c[:, 1])), len(np.unique(c[:, 4]))) < min_inliers:
+    if min(len(set(c[:, 1].tolist())), len(set(c[:, 4].tolist()))) < min_inliers:
         return 0, 0.0  # too few distinct keypoints to ever reach the threshold: most pairs stop here
     ki, kj = c[:, 1].astype(np.int64), c[:, 4].astype(np.int64)
     p, q = c[:, 2] + 1j * c[:, 3], c[:, 5] + 1j * c[:, 6]
