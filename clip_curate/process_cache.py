@@ -4,22 +4,15 @@ Beam runs many instances of one DoFn in a worker process (threads, bundles); a m
 a decode budget built per instance multiplies load time and memory. A :class:`ProcessCache` builds each
 key's value on first use and hands the same object to every later caller.
 
-:func:`trim_heap` hands memory freed after a load back to the system, and :func:`worker_malloc_env` sets the
-allocator's environment for the worker processes a run starts.
+:func:`trim_heap` hands memory freed after a load back to the system.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 import threading
-from typing import Any, Callable, Hashable, MutableMapping
-
-#: glibc malloc settings for worker processes (read by the allocator at process start, so set for children).
-#: Every thread that allocates otherwise gets an arena of its own, up to 8 per core, and freed memory stays in
-#: each (a Beam worker runs dozens of threads: gRPC, bundles, downloads, decoders).
-WORKER_MALLOC_ENV = {"MALLOC_ARENA_MAX": "2"}
+from typing import Any, Callable, Hashable
 
 
 class ProcessCache:
@@ -55,11 +48,3 @@ def trim_heap() -> bool:
     trim(0)
     return True
 
-
-def worker_malloc_env(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set :data:`WORKER_MALLOC_ENV` in ``environ`` (default ``os.environ``, which the DirectRunner's worker
-    processes inherit) where the user has not set them; returns what was set."""
-    environ = os.environ if environ is None else environ
-    added = {k: v for k, v in WORKER_MALLOC_ENV.items() if k not in environ}
-    environ.update(added)
-    return added

@@ -383,17 +383,19 @@ def import_open_clip():
     hidden while it loads. open_clip imports torchvision and timm, which import torch's compiler stack, which
     imports triton when installed (its library maps about 75 MB per process); triton compiles GPU kernels
     only, and torch remembers it as missing, so nothing on a CPU-only machine loads it later."""
-    if "open_clip" in sys.modules:
-        return sys.modules["open_clip"]
-    hide = "triton" not in sys.modules and not gpu_device_files()
-    if hide:
-        sys.modules["triton"] = None  # type: ignore[assignment]  # ``import triton`` raises ImportError
-    try:
-        import open_clip
-    finally:
-        if hide and "triton" in sys.modules and sys.modules["triton"] is None:
-            del sys.modules["triton"]
+    with _IMPORT_LOCK:  # one thread imports; the others wait for the whole module, not a partial one
+        hide = "open_clip" not in sys.modules and "triton" not in sys.modules and not gpu_device_files()
+        if hide:
+            sys.modules["triton"] = None  # type: ignore[assignment]  # ``import triton`` raises ImportError
+        try:
+            import open_clip
+        finally:
+            if hide and "triton" in sys.modules and sys.modules["triton"] is None:
+                del sys.modules["triton"]
     return open_clip
+
+
+_IMPORT_LOCK = threading.Lock()
 
 
 def effective_precision(cfg: ModelConfig, device: str) -> str:
