@@ -22,6 +22,7 @@ import logging
 import os
 import select
 import shlex
+import shutil
 import signal
 import socket
 import struct
@@ -207,6 +208,7 @@ class ForkServer:
                 traceback.print_exc()
                 code = 1
             finally:
+                shutil.rmtree(self._dir, ignore_errors=True)  # also when the main process was killed
                 os._exit(code)
         os.close(alive_r)
         listener.close()
@@ -226,9 +228,7 @@ class ForkServer:
             os.waitpid(self._pid, 0)
             self._pid = None
         if self._dir:
-            for name in os.listdir(self._dir):
-                os.unlink(os.path.join(self._dir, name))
-            os.rmdir(self._dir)
+            shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
 

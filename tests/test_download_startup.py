@@ -60,8 +60,27 @@ def test_worker_command_runs_a_forked_worker_with_the_clients_environment(tmp_pa
             assert seen["beam_loaded"] is True                  # forked: Beam was already imported
             assert seen["ppid"] == server._pid                  # a child of the zygote, not of the client
             assert seen["pid"] != done.returncode and not _alive(seen["pid"])
-        zygote = server._pid
-    assert not _alive(zygote)  # leaving the context ends the zygote
+        zygote, folder = server._pid, server._dir
+    assert not _alive(zygote) and not os.path.exists(folder)  # leaving the context ends the zygote, cleans up
+
+
+def test_the_zygote_ends_and_cleans_up_when_the_main_process_is_killed(tmp_path):
+    code = textwrap.dedent("""
+        import os, sys, time
+        from clip_curate.fork_workers import ForkServer
+        server = ForkServer(target=lambda env: 0).start()
+        print(server._pid, server._dir, flush=True)
+        time.sleep(600)
+    """)
+    main = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    zygote, folder = main.stdout.readline().split()
+    assert _alive(int(zygote)) and os.path.exists(folder)
+    main.kill()
+    main.wait(10)
+    deadline = time.monotonic() + 30
+    while _alive(int(zygote)) or os.path.exists(folder):
+        assert time.monotonic() < deadline, "the zygote outlived the main process"
+        time.sleep(0.05)
 
 
 def test_a_killed_client_takes_its_worker_with_it(tmp_path):
