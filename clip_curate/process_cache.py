@@ -39,7 +39,8 @@ def trim_heap() -> bool:
     global _LIBC
     if _LIBC is None:
         try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if sys.platform.startswith("linux") else False
+            linux = sys.platform.startswith("linux")
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if linux else False
         except OSError:
             _LIBC = False
     trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None

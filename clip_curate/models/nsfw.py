@@ -142,7 +142,8 @@ class NSFWModel:
     """The open_nsfw network on ``device`` (``auto|cpu|cuda``, resolved like ``--device``), one forward per batch.
 
     ``scores(pixels)`` takes uint8 BGR ``[N, 224, 224, 3]`` (from :func:`nsfw_pixels`) and returns
-    P(nsfw) as float64 ``[N]``. Thread-safe: several DoFn threads may share one instance (on the CPU their forwards take turns)."""
+    P(nsfw) as float64 ``[N]``. Thread-safe: several DoFn threads may share one instance (on the CPU their
+    forwards take turns)."""
 
     def __init__(self, device: str = "cpu", backend: str = "auto", precision: str = "fp32",
                  threads: int | None = None):
