@@ -215,14 +215,21 @@ class Signature:
     :func:`local_keys` (``keys``) and the same of its :data:`LOCAL_FILTER_POINTS` strongest keypoints
     (``words``), as frozensets."""
 
-    __slots__ = ("frame", "xy", "codes", "keys", "words", "_index")
+    __slots__ = ("frame", "xy", "codes", "keys", "words", "_index", "_code_list")
 
     def __init__(self, frame, xy, codes):
         self.frame, self.xy, self.codes = frame, xy, codes
         self.keys = frozenset(_key_set(codes, LOCAL_KEY_POINTS))
         self.words = self.keys if LOCAL_FILTER_POINTS <= LOCAL_KEY_POINTS else \
             frozenset(_key_set(codes, LOCAL_FILTER_POINTS))
-        self._index = None
+        self._index = self._code_list = None
+
+    @property
+    def code_list(self) -> list[int]:
+        """The codes as Python ints (built on first use)."""
+        if self._code_list is None:
+            self._code_list = self.codes.tolist()
+        return self._code_list
 
     @property
     def index(self) -> dict[int, list[int]]:
@@ -241,37 +248,46 @@ class Signature:
         return None if sig is None else cls(*sig)
 
 
+def _closest_pairs(x: Signature, y: Signature) -> list[tuple[int, int, int]]:
+    """``(code_distance, i, j)`` of the keypoint pairs :func:`pair_correspondences` returns, in its order."""
+    ix, iy = x.index, y.index
+    cand = {(i, j) for w in ix.keys() & iy.keys() for i in ix[w] for j in iy[w]}
+    cx, cy = x.code_list, y.code_list
+    found = sorted((d, i, j) for i, j in cand for d in ((cx[i] ^ cy[j]).bit_count(),) if d <= LOCAL_CODE_HAMMING)
+    return found[:LOCAL_MAX_CORRESPONDENCES]
+
+
+def _rows(x: Signature, y: Signature, found: list[tuple[int, int, int]]) -> np.ndarray:
+    if not found:
+        return np.empty((0, 7))
+    dij = np.array(found, dtype=np.int64)
+    i, j = dij[:, 1], dij[:, 2]
+    return np.column_stack([dij[:, 0], i, x.xy[i, 0], x.xy[i, 1], j, y.xy[j, 0], y.xy[j, 1]]).astype(np.float64)
+
+
 def pair_correspondences(x: Signature, y: Signature) -> np.ndarray:
     """Every keypoint pair of rows x and y whose codes agree exactly on one of the :data:`LOCAL_BANDS` 16-bit
     bands and are within :data:`LOCAL_CODE_HAMMING` bits, as rows ``(code_distance, i, xi, yi, j, xj, yj)``
     sorted as :func:`match_keypoints` sorts them (float64, k x 7). (The shared band keeps ~15 % of a
     copy's codes within 16 bits but ~3 % of an unrelated picture's: without it unrelated pairs reach 10
     inliers.) Found through the band values the rows share, so only those keypoints' codes are compared."""
-    ix, iy = x.index, y.index
-    cand = {(i, j) for w in ix.keys() & iy.keys() for i in ix[w] for j in iy[w]}
-    if not cand:
-        return np.empty((0, 7))
-    cx, cy = x.codes, y.codes
-    ij = np.array(sorted(cand), dtype=np.int64)
-    d = np.bitwise_count(cx[ij[:, 0]] ^ cy[ij[:, 1]]).astype(np.int64)
-    ok = d <= LOCAL_CODE_HAMMING
-    i, j, d = ij[ok, 0], ij[ok, 1], d[ok]
-    order = np.lexsort((j, i, d))[:LOCAL_MAX_CORRESPONDENCES]
-    i, j, d = i[order], j[order], d[order]
-    return np.column_stack([d, i, x.xy[i, 0], x.xy[i, 1], j, y.xy[j, 0], y.xy[j, 1]]).astype(np.float64)
+    return _rows(x, y, _closest_pairs(x, y))
 
 
 def verify_pair(x: Signature, y: Signature) -> tuple[int, float]:
     """``(inliers, iou)`` of rows x (the worse) and y: :func:`match_keypoints` on :func:`pair_correspondences`.
 
-    Most pairs stop at a bound first: a keypoint in a correspondence has a band value the other row also has,
-    so when fewer than :data:`LOCAL_MIN_INLIERS` keypoints of a side can have one, the answer is ``(0, 0.0)``
-    without comparing codes (the same answer :func:`match_keypoints` gives them)."""
+    Most pairs stop early with ``(0, 0.0)``, the answer :func:`match_keypoints` gives them: first when fewer
+    than :data:`LOCAL_MIN_INLIERS` keypoints of a side have a band value the other row also has (a keypoint in
+    a correspondence must), then when fewer than that many take part in the correspondences."""
     ix, iy = x.index, y.index
     shared = ix.keys() & iy.keys()
     if sum(len(ix[k]) for k in shared) < LOCAL_MIN_INLIERS or sum(len(iy[k]) for k in shared) < LOCAL_MIN_INLIERS:
         return 0, 0.0
-    return _match(pair_correspondences(x, y), x.frame, y.frame, LOCAL_MIN_INLIERS)
+    found = _closest_pairs(x, y)
+    if min(len({t[1] for t in found}), len({t[2] for t in found})) < LOCAL_MIN_INLIERS:
+        return 0, 0.0
+    return _match(_rows(x, y, found), x.frame, y.frame, LOCAL_MIN_INLIERS)
 
 
 def bucket_pairs(key: int, members: Sequence[tuple], sigs: Sequence[Signature], split_counter=None
