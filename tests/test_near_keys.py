@@ -175,3 +175,21 @@ def test_real_crops_share_keys_and_different_photos_rarely_do():
     assert sum(s >= near.LOCAL_MIN_SHARED_KEYS for s in shared) <= 2, shared
     assert not [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
                 if near.is_keypoint_copy(*near.verify_pair(origs[a], origs[b]))]
+
+
+def test_correspondences_keep_mutual_closest_codes_only():
+    """A keypoint of a repeated pattern matches several keypoints of the other row; only pairs that are each
+    other's closest code stay (ties kept), so periodic textures propose fewer false transforms."""
+    base = np.uint64(0xABCD)                       # band 0 shared by every code below
+    far = base | (np.uint64(0b111) << np.uint64(16))    # 3 bits from base
+    near_code = base | (np.uint64(0b1) << np.uint64(16))  # 1 bit from base
+    xy = np.array([[0.2, 0.2], [0.5, 0.5], [0.8, 0.8]])
+    x = near.Signature.of(_blob(xy[:1], np.array([base])))
+    y = near.Signature.of(_blob(xy, np.array([far, near_code, near_code])))
+    corr = near.pair_correspondences(x, y)
+    assert sorted(corr[:, 4].astype(int).tolist()) == [1, 2]     # the tie at 1 bit; not the 3-bit one
+    assert set(corr[:, 0].astype(int).tolist()) == {1}
+    x2 = near.Signature.of(_blob(xy[:2], np.array([base, far])))
+    y2 = near.Signature.of(_blob(xy[:1], np.array([near_code])))
+    corr2 = near.pair_correspondences(x2, y2)                   # y's keypoint is closer to x's first
+    assert corr2[:, 1].astype(int).tolist() == [0]

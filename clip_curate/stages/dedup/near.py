@@ -188,6 +188,7 @@ LOCAL_KEY_POINTS = 24      # the strongest keypoints (stored first) whose code b
 LOCAL_FILTER_POINTS = 48   # a row pair is verified when the bands of its rows' this many strongest keypoints
 LOCAL_MIN_SHARED_KEYS = 2  # ... share at least this many values (the bucket's key is one)
 LOCAL_CODE_HAMMING = 16    # codes within this many bits (of 64) make a correspondence
+LOCAL_MUTUAL = True        # ... when each code is the other's closest among the pair's candidates (ties kept)
 LOCAL_MAX_BUCKET = 512     # a bigger bucket is split by the keyed keypoint's next band (bounded work; counted)
 LOCAL_MAX_CORRESPONDENCES = 256  # per row pair (the closest codes are kept)
 LOCAL_HYPOTHESES_FROM = 48  # transforms are proposed by pairs among the closest correspondences
@@ -254,6 +255,13 @@ def _closest_pairs(x: Signature, y: Signature) -> list[tuple[int, int, int]]:
     cand = {(i, j) for w in ix.keys() & iy.keys() for i in ix[w] for j in iy[w]}
     cx, cy = x.code_list, y.code_list
     found = sorted((d, i, j) for i, j in cand for d in ((cx[i] ^ cy[j]).bit_count(),) if d <= LOCAL_CODE_HAMMING)
+    if LOCAL_MUTUAL and found:
+        best_i: dict[int, int] = {}
+        best_j: dict[int, int] = {}
+        for d, i, j in found:          # ascending distance: the first seen is the closest
+            best_i.setdefault(i, d)
+            best_j.setdefault(j, d)
+        found = [t for t in found if t[0] == best_i[t[1]] and t[0] == best_j[t[2]]]
     return found[:LOCAL_MAX_CORRESPONDENCES]
 
 
