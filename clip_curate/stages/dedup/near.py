@@ -186,7 +186,7 @@ class _NearKeys(beam.DoFn):
 LOCAL_BANDS = 4            # 16-bit bands of a keypoint's 64-bit code
 LOCAL_KEY_POINTS = 24      # the strongest keypoints (stored first) whose code bands are the row's keys
 LOCAL_FILTER_POINTS = 48   # a row pair is verified when the bands of its rows' this many strongest keypoints
-LOCAL_MIN_SHARED_KEYS = 2  # ... share at least this many values (the bucket's key is one)
+LOCAL_MIN_SHARED_KEYS = 3  # ... share at least this many values (the bucket's key is one)
 LOCAL_CODE_HAMMING = 16    # codes within this many bits (of 64) make a correspondence
 LOCAL_MUTUAL = True        # ... when each code is the other's closest among the pair's candidates (ties kept)
 LOCAL_MAX_BUCKET = 512     # a bigger bucket is split by the keyed keypoint's next band (bounded work; counted)
