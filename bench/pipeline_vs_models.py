@@ -12,7 +12,7 @@
    A second run on ``--startup-images`` rows measures the fixed cost (start-up, model loads, audit), so
    "steady" = (N - n) / (wall_N - wall_n).
 3. Bare loop, in this process, after loading: the same forward passes on the same images with the same
-   batch sizes and threads (``--threads``, default: all cores, on both sides; ``--streams K``: K worker threads
+   batch sizes and threads (``--threads``, default: all cores, on both sides; ``--streams K``: K worker processes
    of the pipeline against K threads of the bare loop, each forward on ``--threads``): ``ClipEmbedder.embed`` (image + text towers, the stage's own forward) on every
    image, and the opennsfw network (``NSFWModel.scores``) on as many images as reached the safety stage
    (``safety_in``: dedup drops rows before it). Inputs are prepared before the clock starts, so the bare
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
                     help="torch threads on both sides (OMP_NUM_THREADS of the pipeline process)")
     ap.add_argument("--streams", type=int, default=1,
                     help="parallel streams on both sides: the bare loop splits its batches over this many threads, "
-                         "the pipeline runs this many DirectRunner worker threads (multi_threading); each stream's "
+                         "the pipeline runs this many DirectRunner worker processes (multi_processing); each stream's "
                          "forward uses --threads torch threads")
     ap.add_argument("--bare-image-stage-malloc", action="store_true",
                     help="run the bare loop under the image stage's glibc setting (mmap for allocations >= 1 MiB, "
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         write_pool(small, raw[:args.startup_images], texts[:args.startup_images])
         extra = list(args.pipeline_arg)
         if args.streams > 1:
-            extra += [f"--direct_num_workers={args.streams}", "--direct_running_mode=multi_threading"]
+            extra += [f"--direct_num_workers={args.streams}", "--direct_running_mode=multi_processing"]
         fixed = run_pipeline(small, os.path.join(tmp, "out-small"), args, extra)
         full = run_pipeline(pool, os.path.join(tmp, "out"), args, extra)
         counters = full.get("counters", {})

@@ -252,3 +252,19 @@ def test_option_views_are_kept_and_live():
     assert options.get_all_options()["allow_unsafe_triggers"] is True
     restored = pickle.loads(pickle.dumps(options))
     assert "_cached_views" not in restored.__dict__ and restored.view_as(TypeOptions).allow_unsafe_triggers
+
+
+def test_multi_threading_with_keypoint_near_dedup_is_refused_before_any_work(tmp_path):
+    """Beam's FnApiRunner in multi_threading mode with several workers handed the dedup join fewer rows than
+    went in (keypoint near dedup on overlapping crops): refused up front with the fix, output untouched."""
+    from clip_curate.fields import ConfigError
+    from clip_curate.run import run
+
+    src = tmp_path / "urls.csv"
+    src.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a cat\n")
+    out = tmp_path / "out"
+    base = ["--input", str(src), "--output", str(out), "--stages", "download,image,dedup",
+            "--direct_num_workers=2", "--direct_running_mode=multi_threading"]
+    with pytest.raises(ConfigError, match="multi_processing"):
+        run(base)
+    assert not out.exists()
