@@ -134,6 +134,7 @@ def test_only_beams_own_worker_command_is_replaced():
 def test_forking_refused_after_native_thread_pools_are_loaded(monkeypatch):
     monkeypatch.delitem(sys.modules, "torch", raising=False)
     monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    monkeypatch.setattr("clip_curate.fork_workers._thread_names", lambda: ["MainThread"])  # earlier tests' gRPC
     assert fork_unsafe_reason() is None
     monkeypatch.setitem(sys.modules, "torch", object())
     assert "torch" in fork_unsafe_reason()
