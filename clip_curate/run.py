@@ -18,7 +18,6 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 from clip_curate import readers as _readers  # noqa: F401 - registers the built-in readers
 from clip_curate.audit.assemble import run_audit
 from clip_curate.config import check_environment, parse_run_args, plan_passes
-from clip_curate.fields import ConfigError
 from clip_curate.fork_workers import ForkingFnApiRunner, ForkServer, fork_server_for
 from clip_curate.pipeline import build_pipeline
 from clip_curate.preflight import preflight
@@ -130,19 +129,17 @@ def _runner(options: PipelineOptions, fork_server: ForkServer | None):
 
 
 def check_direct_mode(cfg, options: PipelineOptions) -> None:
-    """ConfigError for a DirectRunner mode known to lose rows: ``multi_threading`` with several workers and
-    near dedup's keypoint half (Beam's FnApiRunner handed the dedup join fewer rows than went in: 590 of 600
-    on a pool of overlapping photo crops, caught by the row accounting only after the whole run; the
-    ``multi_processing`` and ``in_memory`` modes gave all 600)."""
+    """Each enabled stage's ``check_direct`` for the DirectRunner's running mode and worker count (e.g. a
+    mode known to lose a stage's rows): a one-line ConfigError before any work."""
     from apache_beam.options.pipeline_options import DirectOptions
 
+    from clip_curate.stages.base import registered
+
     direct = options.view_as(DirectOptions)
-    if direct.direct_running_mode != "multi_threading" or int(direct.direct_num_workers or 1) == 1:
-        return
-    if "dedup" in cfg.run.enabled() and "near" in cfg.stage("dedup").dedup and cfg.stage("image").orb_keypoints:
-        raise ConfigError("--direct_running_mode multi_threading with several workers loses rows in near dedup's "
-                          "keypoint half (Beam's FnApiRunner); use --direct_running_mode multi_processing, or "
-                          "--orb-keypoints 0")
+    mode, workers = str(direct.direct_running_mode or "in_memory"), int(direct.direct_num_workers or 1)
+    for stage in registered():
+        if stage.name in cfg.run.enabled() and stage.check_direct is not None:
+            stage.check_direct(cfg.stage(stage.name), cfg, mode, workers)
 
 
 def _is_direct(options: PipelineOptions) -> bool:

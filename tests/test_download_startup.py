@@ -140,8 +140,13 @@ def test_forking_refused_after_native_thread_pools_are_loaded(monkeypatch):
     assert "torch" in fork_unsafe_reason()
 
 
-def test_forking_refused_while_grpc_runs():
+def test_forking_refused_while_grpc_runs(monkeypatch):
     import grpc
+
+    from clip_curate.fork_workers import FORK_UNSAFE_MODULES
+
+    for name in FORK_UNSAFE_MODULES:  # earlier tests in this process imported torch: that reason comes first
+        monkeypatch.delitem(sys.modules, name, raising=False)
 
     channel = grpc.insecure_channel("localhost:1")
     try:

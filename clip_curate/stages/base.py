@@ -62,7 +62,8 @@ class Stage:
     their image: no download), and an ``auto`` stage is added when an enabled stage needs what it provides
     and its own needs are met by the reader. ``check(config)`` runs environment checks (files, models)
     before any work; ``check_passes(config, run_config)`` raises ConfigError when the stage cannot run in
-    ``--chunk-rows`` passes. ``decides_with_output``: rows this stage (and those after it) rejected in an
+    ``--chunk-rows`` passes; ``check_direct(config, run_config, running_mode, workers)`` raises ConfigError
+    when the stage cannot run in that DirectRunner mode. ``decides_with_output``: rows this stage (and those after it) rejected in an
     earlier output take part in its decisions (dedup across runs)."""
 
     name: str
@@ -74,6 +75,7 @@ class Stage:
     auto: bool = False
     check: Optional[Callable[[Any], None]] = None
     check_passes: Optional[Callable[[Any, Any], None]] = None
+    check_direct: Optional[Callable[[Any, Any, str, int], None]] = None
     addons: tuple[Addon, ...] = ()
     title: str = ""
 
