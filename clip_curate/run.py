@@ -42,14 +42,14 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     plan = plan_input(cfg.reader)                 # fails fast on bad input
     preflight(cfg, plan)                          # the output can be written; the input can be read
     check_environment(cfg)                        # e.g. model exists, before any download work
-    if _is_direct(PipelineOptions(beam_args)):
-        check_direct_mode(cfg, PipelineOptions(beam_args))
+    options = _ViewCachingOptions(beam_args)
+    if _is_direct(options):
+        check_direct_mode(cfg, options)
     passes = plan_passes(cfg, plan.estimated_rows)
     claim_output(cfg.output.output, resume=cfg.run.resume, overwrite=cfg.output.overwrite,  # empty, or cleared
                  inputs=(cfg.reader.input, cfg.reader.retry_from))
     if passes > 1 and test_pipeline is not None:
         raise ValueError("--chunk-rows runs one pipeline per pass; it cannot use a given test pipeline")
-    options = _ViewCachingOptions(beam_args)
     options.view_as(SetupOptions).save_main_session = False
     if _is_direct(options):
         # Beam's DirectRunner first tries Prism (downloading a binary from GitHub); we want its

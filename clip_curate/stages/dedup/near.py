@@ -249,10 +249,11 @@ class Signature:
         return None if sig is None else cls(*sig)
 
 
-def _closest_pairs(x: Signature, y: Signature) -> list[tuple[int, int, int]]:
-    """``(code_distance, i, j)`` of the keypoint pairs :func:`pair_correspondences` returns, in its order."""
+def _closest_pairs(x: Signature, y: Signature, shared=None) -> list[tuple[int, int, int]]:
+    """``(code_distance, i, j)`` of the keypoint pairs :func:`pair_correspondences` returns, in its order.
+    ``shared``: the band values both rows have, when the caller already has them."""
     ix, iy = x.index, y.index
-    cand = {(i, j) for w in ix.keys() & iy.keys() for i in ix[w] for j in iy[w]}
+    cand = {(i, j) for w in (ix.keys() & iy.keys() if shared is None else shared) for i in ix[w] for j in iy[w]}
     cx, cy = x.code_list, y.code_list
     found = sorted((d, i, j) for i, j in cand for d in ((cx[i] ^ cy[j]).bit_count(),) if d <= LOCAL_CODE_HAMMING)
     if LOCAL_MUTUAL and found:
@@ -292,7 +293,7 @@ def verify_pair(x: Signature, y: Signature) -> tuple[int, float]:
     shared = ix.keys() & iy.keys()
     if sum(len(ix[k]) for k in shared) < LOCAL_MIN_INLIERS or sum(len(iy[k]) for k in shared) < LOCAL_MIN_INLIERS:
         return 0, 0.0
-    found = _closest_pairs(x, y)
+    found = _closest_pairs(x, y, shared)
     if min(len({t[1] for t in found}), len({t[2] for t in found})) < LOCAL_MIN_INLIERS:
         return 0, 0.0
     return _match(_rows(x, y, found), x.frame, y.frame, LOCAL_MIN_INLIERS)
