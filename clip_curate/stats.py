@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -162,7 +162,8 @@ def _stats_record(_, out_dir: str, input_rows: int, curated_rows: int, rejected_
         by.setdefault(stage, {})[reason] = n
     rejected = sum(n for _, n in rejected_by)
     stats = {"input_rows": input_rows, "curated_rows": curated_rows, "rejected_rows": rejected,
-             "rejected_by": by, "timings": {}, **extra}
+             "rejected_by": by, "timings": {},
+             **{k: dict(v) if isinstance(v, Mapping) else v for k, v in extra.items()}}  # e.g. EmbeddingIdentity
     # Sources that could not be read to their end: this job's, and those an earlier job over the same output
     # listed (a --resume, or the passes before this one of a --chunk-rows run, whose rows this job skips).
     damaged = set(damaged or ()) | set(_earlier_damage(out_dir))

@@ -140,9 +140,7 @@ def embedding_dim(model_config) -> int | None:
 
             cfg = _get_hf_config(spec.name)["model_cfg"]
         else:
-            import open_clip
-
-            cfg = open_clip.get_model_config(spec.name) or {}
+            cfg = clip.open_clip_catalogue().model_config(spec.name) or {}
         return int(cfg["embed_dim"])
     except Exception as exc:  # noqa: BLE001 - e.g. a hub config unreachable now: variable-length lists
         log.info("embedding width of %s unknown before the run (%s): embeddings stored as list<float32>",

@@ -215,3 +215,38 @@ def test_run_with_safety_but_no_embed_imports_no_torch(tmp_path):
     st = res["stats"]
     assert st["input_rows"] == 4 and st["curated_rows"] + st["rejected_rows"] == 4
     assert sum(st["rejected_by"].get("download", {}).values()) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher checks --clip-model without torch (so it can fork its workers)
+
+def test_open_clip_catalogue_matches_open_clip_without_importing_torch():
+    got = _fresh("""
+        import json, sys
+        from clip_curate.models.clip import ModelConfig, open_clip_catalogue, resolve_model
+        from clip_curate.fields import ConfigError
+        from clip_curate.writers import embedding_dim
+        cat = open_clip_catalogue()
+        models = cat.models()
+        tags = {a: cat.tags(a) for a in models}
+        spec = resolve_model(ModelConfig(clip_model="ViT-B-32", clip_pretrained="laion2b_s34b_b79k"))
+        dim = embedding_dim(ModelConfig(clip_model="ViT-B-32", clip_pretrained="none"))
+        try:
+            resolve_model(ModelConfig(clip_model="ViT-B-32", clip_pretrained="laion2b_s34b_b78k"))
+            error = None
+        except ConfigError as exc:
+            error = str(exc)
+        torch_loaded = "torch" in sys.modules or "open_clip" in sys.modules
+        leftovers = [m for m in sys.modules if "catalogue" in m]
+        import open_clip
+        print("RESULT " + json.dumps({
+            "torch_loaded": torch_loaded, "leftovers": leftovers, "spec": [spec.kind, spec.pretrained],
+            "dim": dim, "error": error, "n": len(models),
+            "same_models": sorted(models) == sorted(open_clip.list_models()),
+            "same_tags": all(tags[a] == open_clip.list_pretrained_tags_by_model(a) for a in open_clip.list_models()),
+            "same_config": cat.model_config("ViT-B-32") == open_clip.get_model_config("ViT-B-32")}))
+    """)
+    assert got["torch_loaded"] is False and got["leftovers"] == []
+    assert got["spec"] == ["arch", "laion2b_s34b_b79k"] and got["dim"] == 512 and got["n"] > 100
+    assert "did you mean laion2b_s34b_b79k" in got["error"]
+    assert got["same_models"] and got["same_tags"] and got["same_config"]

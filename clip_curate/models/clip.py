@@ -39,7 +39,7 @@ import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -171,7 +171,101 @@ def _find_weights_in_dir(d: Path) -> str | None:
 
 
 def _open_clip_models() -> list[str]:
-    return list(import_open_clip().list_models())
+    return open_clip_catalogue().models()
+
+
+class _Catalogue:
+    """open_clip's architecture names, their configs and their pretrained tags, read without importing torch.
+
+    ``import open_clip`` imports torch, torchvision and timm (~3 CPU s, ~650 MB); a launcher that only checks
+    ``--clip-model``/``--clip-pretrained`` then cannot fork its DirectRunner workers (they must not inherit
+    torch). The names and configs are the package's ``model_configs/*.json``; the tags come from its
+    ``pretrained.py`` loaded on its own, under another package name, with ``safetensors.torch`` hidden (the one
+    import there that needs torch). Where open_clip is already imported, or anything here fails, the real
+    module answers."""
+
+    _ALIAS = "_clip_curate_open_clip_catalogue"
+
+    def __init__(self) -> None:
+        self._dir: Path | None = None
+        self._pretrained: Any = None
+        self._lock = threading.Lock()
+
+    def _package_dir(self) -> Path | None:
+        if self._dir is None:
+            import importlib.util
+
+            spec = importlib.util.find_spec("open_clip")
+            origin = getattr(spec, "origin", None)
+            self._dir = Path(origin).parent if origin else Path()
+        return self._dir if (self._dir / "model_configs").is_dir() else None
+
+    def models(self) -> list[str]:
+        """Architecture names (``open_clip.list_models()``)."""
+        d = None if "open_clip" in sys.modules else self._package_dir()
+        if d is None:
+            return list(import_open_clip().list_models())
+        return sorted(p.stem for p in (d / "model_configs").glob("*.json"))
+
+    def model_config(self, arch: str) -> dict | None:
+        """An architecture's config (``open_clip.get_model_config``)."""
+        d = None if "open_clip" in sys.modules else self._package_dir()
+        if d is None:
+            return import_open_clip().get_model_config(arch)
+        path = d / "model_configs" / f"{arch}.json"
+        if not path.is_file():
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def tags(self, arch: str) -> list[str]:
+        """The pretrained tags open_clip knows for ``arch`` (``open_clip.list_pretrained_tags_by_model``)."""
+        module = None if "open_clip" in sys.modules else self._pretrained_module()
+        if module is None:
+            return list(import_open_clip().list_pretrained_tags_by_model(arch))
+        return list(module.list_pretrained_tags_by_model(arch))
+
+    def _pretrained_module(self):
+        with self._lock:
+            if self._pretrained is None:
+                self._pretrained = self._load_pretrained() or False
+            return self._pretrained or None
+
+    def _load_pretrained(self):
+        import importlib.util
+        import types
+
+        d = self._package_dir()
+        if d is None or not (d / "pretrained.py").is_file():
+            return None
+        hide = "safetensors.torch" not in sys.modules
+        package = types.ModuleType(self._ALIAS)
+        package.__path__ = [str(d)]  # type: ignore[attr-defined]  # relative imports resolve beside it
+        sys.modules[self._ALIAS] = package
+        if hide:
+            sys.modules["safetensors.torch"] = None  # type: ignore[assignment]  # its ``import`` raises ImportError
+        try:
+            spec = importlib.util.spec_from_file_location(f"{self._ALIAS}.pretrained", d / "pretrained.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            module.list_pretrained_tags_by_model("ViT-B-32")
+            return module
+        except Exception as exc:  # noqa: BLE001 - another open_clip layout: the real import answers
+            log.debug("open_clip catalogue: pretrained tags through open_clip itself (%s)", exc)
+            return None
+        finally:
+            if hide and sys.modules.get("safetensors.torch", 0) is None:
+                del sys.modules["safetensors.torch"]
+            for name in [n for n in sys.modules if n == self._ALIAS or n.startswith(self._ALIAS + ".")]:
+                del sys.modules[name]
+
+
+_CATALOGUE = _Catalogue()
+
+
+def open_clip_catalogue() -> _Catalogue:
+    """The process's :class:`_Catalogue` of open_clip architectures and pretrained tags (torch-free)."""
+    return _CATALOGUE
 
 
 def _resolve(cfg: ModelConfig) -> _Spec:
@@ -203,9 +297,7 @@ def _resolve(cfg: ModelConfig) -> _Spec:
     models = _open_clip_models()
     arch = name.replace("/", "-")
     if arch in models and not _looks_like_existing_path(name):
-        import open_clip
-
-        tags = open_clip.list_pretrained_tags_by_model(arch)
+        tags = open_clip_catalogue().tags(arch)
         if pretrained is None:
             raise ConfigError(f"--clip-model {arch}: no --clip-pretrained tag, which would mean random weights; "
                               f"pass one of {', '.join(tags) or '(none known)'}, a weights file, or none "
@@ -811,15 +903,43 @@ def encode_images(loaded: LoadedClip, images: Sequence[Any], batch_size: int = 2
                             loaded.embed_dim, loaded.device, loaded.precision, batch_size)
 
 
-def embedding_identity(cfg: ModelConfig) -> dict[str, Any]:
-    """What makes a run's embeddings (recorded in stats.json ``embedding``): the ``embed_model`` key rows
-    carry (model id + precision) and the model's image preprocessing."""
+def preprocess_description(cfg: ModelConfig) -> str | None:
+    """The model's image transform as one line (its torchvision repr); None when it cannot be built now."""
     try:
-        preprocess = " ".join(repr(load_preprocess(cfg)[0]).split())
+        return " ".join(repr(load_preprocess(cfg)[0]).split())
     except Exception as exc:  # noqa: BLE001 - e.g. a hub config that cannot be fetched now
         log.debug("preprocess of %s not recorded: %s", cfg.clip_model, exc)
-        preprocess = None
-    return {"embed_model": embed_model_key(cfg), "preprocess": preprocess}
+        return None
+
+
+class EmbeddingIdentity(Mapping):
+    """What makes a run's embeddings (recorded in stats.json ``embedding``): ``embed_model``, the key rows
+    carry (model id + precision), and ``preprocess``, the model's image transform
+    (:func:`preprocess_description`). ``preprocess`` is built on first use: it needs open_clip and so torch,
+    which a launcher that forks its workers must not import (it is read when stats.json is written, in a
+    worker, or by a re-filter deciding whether stored embeddings are reused)."""
+
+    KEYS = ("embed_model", "preprocess")
+
+    def __init__(self, cfg: ModelConfig):
+        self._cfg = cfg
+        self._values: dict[str, Any] = {"embed_model": embed_model_key(cfg)}
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "preprocess" and key not in self._values:
+            self._values[key] = preprocess_description(self._cfg)
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self.KEYS)
+
+    def __len__(self) -> int:
+        return len(self.KEYS)
+
+
+def embedding_identity(cfg: ModelConfig) -> EmbeddingIdentity:
+    """This run's :class:`EmbeddingIdentity`."""
+    return EmbeddingIdentity(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

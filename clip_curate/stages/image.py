@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from clip_curate.fields import ConfigError, opt
-from clip_curate.process_cache import ProcessCache
+from clip_curate.process_cache import ProcessCache, trim_heap
 from clip_curate.stages.base import IMAGE, RAW_IMAGE, RowFilter, RowStage, Stage, Verdict, register
 
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border")
@@ -217,13 +217,28 @@ def plan_decode(img: Image.Image, width: int, height: int, min_w: int, min_h: in
     return DecodePlan(factor, image + tile * _STRIP_BYTES_PER_PX + reduced * _REDUCED_BYTES_PER_PX)
 
 
+#: A decode hold this large (1 MiB at 4 bytes per pixel) counts towards the next heap trim.
+LARGE_DECODE_PIXELS = 1 << 18
+#: Pixels of large decodes released between heap trims (64 MiB; a quarter of the budget when that is less).
+TRIM_EVERY_PIXELS = 1 << 24
+
+
 class PixelBudget:
     """Pixels being decoded at once by the threads of one worker process (a counting semaphore, first come
     first served, so a large decode is not starved by a stream of small ones). A request larger than the
-    whole budget is capped to it (process_image rejects such images before asking)."""
+    whole budget is capped to it (process_image rejects such images before asking).
 
-    def __init__(self, capacity: int):
+    It also hands freed decode buffers back to the system: once holds of :data:`LARGE_DECODE_PIXELS` or more
+    have released ``trim_every`` pixels since the last time, :func:`~clip_curate.process_cache.trim_heap`
+    runs (glibc keeps such buffers in its per-thread arenas otherwise, and a worker's memory grows with threads
+    x image size whatever the budget). Rare by design: a trim also returns the free memory a CPU forward pass
+    would reuse, which then faults back in page by page."""
+
+    def __init__(self, capacity: int, trim_every: int | None = None):
         self.capacity = int(capacity)
+        self.trim_every = int(trim_every if trim_every is not None else min(self.capacity // 4, TRIM_EVERY_PIXELS))
+        self._since_trim = 0
+        self.trims = 0      # heap trims done (for tests and benches)
         self._free = self.capacity
         self._cond = threading.Condition()
         self._next = 0      # next ticket handed out
@@ -247,6 +262,12 @@ class PixelBudget:
 
     def release(self, pixels: int) -> None:
         with self._cond:
+            if pixels >= LARGE_DECODE_PIXELS:
+                self._since_trim += pixels
+                if self._since_trim >= self.trim_every:  # before the next decode may take the pixels
+                    self._since_trim = 0
+                    self.trims += 1
+                    trim_heap()
             self._free += pixels
             self._cond.notify_all()
 
@@ -266,28 +287,6 @@ def pixel_budget(capacity: int) -> PixelBudget:
     """This process's shared :class:`PixelBudget` of ``capacity`` pixels (one per process and capacity: every
     image DoFn instance, whatever thread runs it, draws from the same one)."""
     return _BUDGETS.get((os.getpid(), int(capacity)), lambda: PixelBudget(capacity))
-
-
-_MALLOC_TUNED: list[bool] = []
-
-
-def return_large_buffers_to_os() -> bool:
-    """glibc: serve allocations of 1 MiB and more by mmap, so a freed decode buffer goes back to the OS at once.
-
-    glibc's adaptive threshold otherwise rises to 32 MiB after the first big free, and later image buffers come
-    from per-thread arenas that keep the memory: a worker's RSS then grows with threads x image size whatever
-    the decode budget. Process-wide, done once per process; False where there is no glibc ``mallopt``.
-    """
-    if not _MALLOC_TUNED:
-        try:
-            import ctypes
-            import ctypes.util
-
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _MALLOC_TUNED.append(bool(libc.mallopt(-3, 1 << 20)))  # M_MMAP_THRESHOLD = -3
-        except (OSError, AttributeError, TypeError):
-            _MALLOC_TUNED.append(False)
-    return _MALLOC_TUNED[0]
 
 
 def _decode_jpeg_fast(raw: bytes, width: int, height: int, factor: int) -> np.ndarray | None:
@@ -627,7 +626,6 @@ class _DecodeResizeFn(RowFilter):
 
         cv2.setNumThreads(1)  # one image per thread; Beam parallelises across threads and workers
         self._budget = pixel_budget(self.config.decode_pixel_budget)  # shared by the process's threads
-        return_large_buffers_to_os()
 
     def judge(self, row):
         row = dict(row)  # never mutate an input element
