@@ -200,27 +200,37 @@ def test_pixel_budget_bounds_concurrent_holders():
 
 
 def test_budget_trims_the_heap_after_large_decodes_only(monkeypatch):
-    """Holds of LARGE_DECODE_PIXELS or more count towards a heap trim every trim_every pixels (64 MiB, or a
-    quarter of a smaller budget); small decodes never trim (a trim makes a CPU forward pass fault its
-    buffers back in)."""
+    """Decoded buffers of LARGE_DECODE_BYTES or more count towards a heap trim every trim_every bytes (64 MiB,
+    or the budget's pixels as bytes when fewer), done when a hold is released; small buffers never trim (a trim
+    makes a CPU forward pass in the same worker fault its buffers back in)."""
     trims = []
     monkeypatch.setattr(image_stage, "trim_heap", lambda: trims.append(1) or True)
     budget = PixelBudget(DECODE_PIXEL_BUDGET)
-    assert budget.trim_every == image_stage.TRIM_EVERY_PIXELS == 1 << 24
+    assert budget.trim_every == image_stage.TRIM_EVERY_BYTES == 64 << 20
     for _ in range(2000):
-        with budget.hold(image_stage.LARGE_DECODE_PIXELS - 1):
-            pass
+        with budget.hold(1000):
+            budget.freed(image_stage.LARGE_DECODE_BYTES - 1)
     assert trims == [] and budget.trims == 0
-    per_trim = budget.trim_every // image_stage.LARGE_DECODE_PIXELS   # 64 holds of 1 MiB
+    per_trim = budget.trim_every // image_stage.LARGE_DECODE_BYTES   # 16 buffers of 4 MiB
     for k in range(1, 3 * per_trim + 1):
-        with budget.hold(image_stage.LARGE_DECODE_PIXELS):
-            pass
+        with budget.hold(1000):
+            budget.freed(image_stage.LARGE_DECODE_BYTES)
         assert len(trims) == k // per_trim
     assert budget.trims == 3
-    small = PixelBudget(1 << 22)
-    assert small.trim_every == 1 << 20
-    small.release(small.acquire(1 << 22))          # one hold of the whole budget: 4x trim_every, one trim
+    small = PixelBudget(16 << 20)
+    assert small.trim_every == 16 << 20
+    with small.hold(100):
+        small.freed(64 << 20)
     assert small.trims == 1 and len(trims) == 4
+
+
+def test_stage_counts_what_a_decode_really_held(monkeypatch, jpeg):
+    """A baseline JPEG counts its DCT-scaled array, not its plan: a 300-900 px web photo never nears a trim."""
+    seen = []
+    budget = PixelBudget(DECODE_PIXEL_BUDGET)
+    monkeypatch.setattr(budget, "freed", lambda n: seen.append(n))
+    process_image(jpeg(1, shape=(880, 660)), ImageConfig(), budget)
+    assert len(seen) == 1 and seen[0] < image_stage.LARGE_DECODE_BYTES and seen[0] <= 440 * 330 * 3
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc and /proc counters")

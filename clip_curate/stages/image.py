@@ -217,10 +217,11 @@ def plan_decode(img: Image.Image, width: int, height: int, min_w: int, min_h: in
     return DecodePlan(factor, image + tile * _STRIP_BYTES_PER_PX + reduced * _REDUCED_BYTES_PER_PX)
 
 
-#: A decode hold this large (1 MiB at 4 bytes per pixel) counts towards the next heap trim.
-LARGE_DECODE_PIXELS = 1 << 18
-#: Pixels of large decodes released between heap trims (64 MiB; a quarter of the budget when that is less).
-TRIM_EVERY_PIXELS = 1 << 24
+#: A decoded buffer this large (4 MiB: a 1.4 Mpx RGB array, or Pillow's full image) counts towards the next
+#: heap trim. A JPEG decodes at reduced DCT scale, so web photos of several megapixels stay below it.
+LARGE_DECODE_BYTES = 4 << 20
+#: Bytes of large decoded buffers freed between heap trims (64 MiB; the budget's bytes / 4 when that is less).
+TRIM_EVERY_BYTES = 64 << 20
 
 
 class PixelBudget:
@@ -228,15 +229,15 @@ class PixelBudget:
     first served, so a large decode is not starved by a stream of small ones). A request larger than the
     whole budget is capped to it (process_image rejects such images before asking).
 
-    It also hands freed decode buffers back to the system: once holds of :data:`LARGE_DECODE_PIXELS` or more
-    have released ``trim_every`` pixels since the last time, :func:`~clip_curate.process_cache.trim_heap`
-    runs (glibc keeps such buffers in its per-thread arenas otherwise, and a worker's memory grows with threads
+    It also hands freed decode buffers back to the system: once decoded buffers of :data:`LARGE_DECODE_BYTES`
+    or more (:meth:`freed`) add up to ``trim_every`` bytes since the last time, the next release runs
+    :func:`~clip_curate.process_cache.trim_heap` (glibc keeps such buffers in its per-thread arenas otherwise, and a worker's memory grows with threads
     x image size whatever the budget). Rare by design: a trim also returns the free memory a CPU forward pass
-    would reuse, which then faults back in page by page."""
+    in the same worker would reuse, which then faults back in page by page."""
 
     def __init__(self, capacity: int, trim_every: int | None = None):
         self.capacity = int(capacity)
-        self.trim_every = int(trim_every if trim_every is not None else min(self.capacity // 4, TRIM_EVERY_PIXELS))
+        self.trim_every = int(trim_every if trim_every is not None else min(self.capacity, TRIM_EVERY_BYTES))
         self._since_trim = 0
         self.trims = 0      # heap trims done (for tests and benches)
         self._free = self.capacity
@@ -260,14 +261,19 @@ class PixelBudget:
             self._cond.notify_all()
         return n
 
+    def freed(self, nbytes: int) -> None:
+        """A decode of this hold freed a buffer of ``nbytes``; those of :data:`LARGE_DECODE_BYTES` or more count
+        towards the next heap trim, done when the hold is released."""
+        if nbytes >= LARGE_DECODE_BYTES:
+            with self._cond:
+                self._since_trim += nbytes
+
     def release(self, pixels: int) -> None:
         with self._cond:
-            if pixels >= LARGE_DECODE_PIXELS:
-                self._since_trim += pixels
-                if self._since_trim >= self.trim_every:  # before the next decode may take the pixels
-                    self._since_trim = 0
-                    self.trims += 1
-                    trim_heap()
+            if self._since_trim >= self.trim_every:  # before the next decode may take the pixels
+                self._since_trim = 0
+                self.trims += 1
+                trim_heap()
             self._free += pixels
             self._cond.notify_all()
 
@@ -587,6 +593,9 @@ def process_image(raw: bytes | None, cfg: ImageConfig, budget: PixelBudget | Non
     with (budget.hold(plan.pixels) if budget is not None else _no_hold()):
         try:
             arr = _decode_jpeg_fast(raw, w, h, plan.factor) if fmt in ("JPEG", "MPO") else None
+            decoded = plan.peak_bytes if arr is None else arr.nbytes + (   # Pillow's path: the full image
+                _jpeg_coefficient_bytes(img, w, h) if img.info.get("progressive") or img.info.get("progression")
+                else 0)
             if arr is None:
                 arr = _decode_pillow(img, plan.factor, min_w, min_h)
         except Image.DecompressionBombError as exc:
@@ -599,6 +608,8 @@ def process_image(raw: bytes | None, cfg: ImageConfig, budget: PixelBudget | Non
             arr = np.repeat(arr[:, :, None], 3, axis=2)
         out = resize(apply_orientation(arr, orientation), cfg, (ow, oh))
         del arr
+        if budget is not None:
+            budget.freed(decoded)
     return ImageResult(fields={
         "image": encode_jpeg(out, cfg.jpeg_quality),
         "width": int(out.shape[1]), "height": int(out.shape[0]),
