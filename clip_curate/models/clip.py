@@ -200,19 +200,24 @@ class _Catalogue:
             self._dir = Path(origin).parent if origin else Path()
         return self._dir if (self._dir / "model_configs").is_dir() else None
 
+    def _configs_dir(self) -> Path | None:
+        """The package's ``model_configs`` directory, or None when the real module should answer."""
+        d = None if "open_clip" in sys.modules else self._package_dir()
+        return None if d is None else d / "model_configs"
+
     def models(self) -> list[str]:
         """Architecture names (``open_clip.list_models()``)."""
-        d = None if "open_clip" in sys.modules else self._package_dir()
+        d = self._configs_dir()
         if d is None:
             return list(import_open_clip().list_models())
-        return sorted(p.stem for p in (d / "model_configs").glob("*.json"))
+        return sorted(p.stem for p in d.glob("*.json"))
 
     def model_config(self, arch: str) -> dict | None:
         """An architecture's config (``open_clip.get_model_config``)."""
-        d = None if "open_clip" in sys.modules else self._package_dir()
+        d = self._configs_dir()
         if d is None:
             return import_open_clip().get_model_config(arch)
-        path = d / "model_configs" / f"{arch}.json"
+        path = d / f"{arch}.json"
         if not path.is_file():
             return None
         with open(path, encoding="utf-8") as f:

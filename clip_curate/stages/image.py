@@ -172,10 +172,12 @@ _REDUCED_BYTES_PER_PX = 6  # the reduced RGB array and one copy of it (orientati
 @dataclass(frozen=True)
 class DecodePlan:
     """How one image is decoded: ``factor`` (JPEG DCT scale 1/2/4/8, or the integer box reduction applied
-    strip by strip for other formats) and ``peak_bytes``, the full-size buffers the decode holds at once."""
+    strip by strip for other formats), ``peak_bytes``, the full-size buffers the decode holds at once, and of
+    those ``coefficient_bytes``, a progressive JPEG's whole-image DCT coefficients (0 otherwise)."""
 
     factor: int
     peak_bytes: int
+    coefficient_bytes: int = 0
 
     @property
     def pixels(self) -> int:
@@ -204,23 +206,24 @@ def plan_decode(img: Image.Image, width: int, height: int, min_w: int, min_h: in
     temporaries and the reduced RGB array with one copy (6 bytes per reduced pixel; at factor 1 that is
     the full size).
     """
+    coefficients = 0
     if img.format in ("JPEG", "MPO"):
         factor = next((f for f in (8, 4, 2) if -(-width // f) >= min_w and -(-height // f) >= min_h), 1)
-        image = -(-width // factor) * -(-height // factor) * 4
         if img.info.get("progressive") or img.info.get("progression"):
-            image += _jpeg_coefficient_bytes(img, width, height)
+            coefficients = _jpeg_coefficient_bytes(img, width, height)
+        image = -(-width // factor) * -(-height // factor) * 4 + coefficients
     else:
         factor = max(1, min(width // max(min_w, 1), height // max(min_h, 1)))
         image = width * height * (_MODE_BYTES.get(img.mode, 4) + _DECODER_EXTRA.get(img.format, 0))
     reduced = -(-width // factor) * -(-height // factor)
     tile = min(width * height, max(_STRIP_PIXELS, factor * factor))
-    return DecodePlan(factor, image + tile * _STRIP_BYTES_PER_PX + reduced * _REDUCED_BYTES_PER_PX)
+    return DecodePlan(factor, image + tile * _STRIP_BYTES_PER_PX + reduced * _REDUCED_BYTES_PER_PX, coefficients)
 
 
 #: A decoded buffer this large (4 MiB: a 1.4 Mpx RGB array, or Pillow's full image) counts towards the next
 #: heap trim. A JPEG decodes at reduced DCT scale, so web photos of several megapixels stay below it.
 LARGE_DECODE_BYTES = 4 << 20
-#: Bytes of large decoded buffers freed between heap trims (64 MiB; the budget's bytes / 4 when that is less).
+#: Bytes of large decoded buffers freed between heap trims (64 MiB; the budget's pixel count, as bytes, when less).
 TRIM_EVERY_BYTES = 64 << 20
 
 
@@ -231,9 +234,10 @@ class PixelBudget:
 
     It also hands freed decode buffers back to the system: once decoded buffers of :data:`LARGE_DECODE_BYTES`
     or more (:meth:`freed`) add up to ``trim_every`` bytes since the last time, the next release runs
-    :func:`~clip_curate.process_cache.trim_heap` (glibc keeps such buffers in its per-thread arenas otherwise, and a worker's memory grows with threads
-    x image size whatever the budget). Rare by design: a trim also returns the free memory a CPU forward pass
-    in the same worker would reuse, which then faults back in page by page."""
+    :func:`~clip_curate.process_cache.trim_heap` (glibc keeps such buffers in its per-thread arenas otherwise,
+    and a worker's memory grows with threads x image size whatever the budget). Rare by design: a trim also
+    returns the free memory a CPU forward pass in the same worker would reuse, which then faults back in page
+    by page."""
 
     def __init__(self, capacity: int, trim_every: int | None = None):
         self.capacity = int(capacity)
@@ -593,9 +597,7 @@ def process_image(raw: bytes | None, cfg: ImageConfig, budget: PixelBudget | Non
     with (budget.hold(plan.pixels) if budget is not None else _no_hold()):
         try:
             arr = _decode_jpeg_fast(raw, w, h, plan.factor) if fmt in ("JPEG", "MPO") else None
-            decoded = plan.peak_bytes if arr is None else arr.nbytes + (   # Pillow's path: the full image
-                _jpeg_coefficient_bytes(img, w, h) if img.info.get("progressive") or img.info.get("progression")
-                else 0)
+            decoded = plan.peak_bytes if arr is None else arr.nbytes + plan.coefficient_bytes  # Pillow: all of it
             if arr is None:
                 arr = _decode_pillow(img, plan.factor, min_w, min_h)
         except Image.DecompressionBombError as exc:
